@@ -1,0 +1,150 @@
+"""load-and-transform: the seed's orchestrator pattern as a Prefect flow.
+
+1. Load one source's new staged files into its raw table (COPY INTO … ON_ERROR='CONTINUE').
+2. Verify the load: fail when files were present but nothing loaded; surface rejected lines.
+3. Transform: build exactly the dbt work configured for that source, and wait.
+4. Record per-node results and report the pipeline status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from postload.config import Settings, SourceConfig
+from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
+from postload.orchestration import (
+    artifact_key,
+    current_flow_run_id,
+    retry_options,
+    warehouse_writer,
+)
+from postload.pipeline import (
+    LoadVerdict,
+    rejects_table,
+    status_table,
+    transform_record,
+    verify_load,
+)
+from postload.warehouse import FileLoadResult, Warehouse, open_warehouse
+from postload.warehouse._duckdb import utcnow
+
+
+@task(name="load", cache_policy=NO_CACHE)
+def load(warehouse: Warehouse, source: SourceConfig) -> list[FileLoadResult]:
+    warehouse.ensure_schema()
+    results = warehouse.load(source, current_flow_run_id())
+    for r in results:
+        get_run_logger().info(
+            "%s: %s, %d/%d rows loaded", r.file, r.status.value, r.rows_loaded, r.rows_parsed
+        )
+    return results
+
+
+@task(name="verify-load", cache_policy=NO_CACHE)
+def verify(source: SourceConfig, results: list[FileLoadResult]) -> LoadVerdict:
+    verdict = verify_load(source, results)
+    logger = get_run_logger()
+    if verdict.files_with_rejects:
+        logger.warning(verdict.summary())
+        create_table_artifact(
+            key=artifact_key("load-rejects", source.name),
+            table=rejects_table(verdict),
+            description=f"Lines rejected while loading source {source.name} (loaded the rest)",
+        )
+    else:
+        logger.info(verdict.summary())
+    return verdict
+
+
+@task(name="transform", cache_policy=NO_CACHE)
+def transform(runner: DbtRunner, source: SourceConfig, cause: str) -> DbtBuildResult:
+    build = runner.build(source.effective_selection, cause=cause, job_id=source.dbt_cloud_job_id)
+    if build.nothing_selected:
+        get_run_logger().warning(
+            "dbt selection %s for source %r matched no nodes: nothing was built. "
+            "Check the source's 'selection' in the pipeline config.",
+            build.selection,
+            source.name,
+        )
+    return build
+
+
+@task(name="report-status", cache_policy=NO_CACHE)
+def report(warehouse: Warehouse) -> list[dict[str, Any]]:
+    table = status_table(warehouse.pipeline_status())
+    create_table_artifact(
+        key="pipeline-status",
+        table=table,
+        description=f"postload pipeline status ({warehouse.kind}: {warehouse.location})",
+    )
+    return table
+
+
+@flow(name="load-and-transform")
+def load_and_transform(source: str = "events") -> dict[str, Any]:
+    """Load one source's new files, verify, build its downstream dbt models, record the result."""
+    settings = Settings()
+    pipeline = settings.load_pipeline()
+    src = pipeline.source(source)
+    warehouse = open_warehouse(settings, pipeline)
+    runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
+    retrying = retry_options(settings)
+
+    with warehouse_writer(settings):
+        results = load.with_options(**retrying)(warehouse, src)
+        verdict = verify(src, results)
+        build = None
+        if verdict.should_transform:
+            started_at = utcnow()
+            build = transform.with_options(**retrying)(
+                runner, src, cause=f"postload: load of {src.name} complete"
+            )
+            record = transform_record(
+                flow_run_id=current_flow_run_id(),
+                source=src,
+                runner=runner.kind,
+                build=build,
+                started_at=started_at,
+                completed_at=utcnow(),
+                covers_loaded_at=warehouse.latest_load_at(src),
+            )
+            warehouse.record_transform(record)
+    status = report(warehouse)
+
+    create_markdown_artifact(
+        key=artifact_key("load-and-transform", src.name),
+        markdown=_summary_markdown(verdict, build),
+        description=f"load-and-transform summary for {src.name}",
+    )
+    if build is not None and build.failed_nodes:
+        raise DbtBuildError(build)
+    return {
+        "source": src.name,
+        "outcome": verdict.outcome.value,
+        "rows_loaded": verdict.rows_loaded,
+        "rows_rejected": verdict.rows_rejected,
+        "dbt_status": build.status if build else "skipped",
+        "dbt_nodes": [n.unique_id for n in build.nodes] if build else [],
+        "status": status,
+    }
+
+
+def _summary_markdown(verdict: LoadVerdict, build: DbtBuildResult | None) -> str:
+    lines = [f"## {verdict.source}", "", f"- load: {verdict.summary()}"]
+    if build is None:
+        lines.append("- transform: skipped (no new data)")
+    else:
+        lines.append(f"- transform: `dbt build {build.selection}` → **{build.status}**")
+        for node in build.nodes:
+            lines.append(f"  - `{node.unique_id}`: {node.status}")
+        if build.run_url:
+            lines.append(f"- dbt Cloud run: {build.run_url}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    load_and_transform()

@@ -1,0 +1,286 @@
+"""The one place that decides configuration.
+
+Two inputs, nothing else:
+
+* ``Settings`` — runtime choices (which warehouse, which dbt runner, paths, retry policy), read from
+  ``POSTLOAD_*`` environment variables. The embedded default needs none of them.
+* ``PipelineConfig`` — the checked-in ``postload.yaml`` that declares the sources, validated with
+  pydantic; errors name the file, the key and the expected form.
+
+Names that end up in SQL (schemas, tables, stages) are validated here as plain identifiers, so no
+SQL anywhere is ever built from an unchecked config value.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+# dbt selection arguments travel as one argv element (never through a shell), but they still
+# must be plain node-selection syntax: names, dots, colons, wildcards, graph operators, commas.
+_DBT_SELECTION = re.compile(r"^[A-Za-z0-9_.:*+@/,\- ]{1,500}$")
+
+
+def check_identifier(value: str) -> str:
+    """Accept only a plain SQL identifier (letters, digits, underscore; not starting with a digit)."""
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a plain identifier: expected letters, digits and underscores, "
+            "starting with a letter or underscore (max 255 chars)"
+        )
+    return value
+
+
+def check_dbt_selection(value: str) -> str:
+    if not isinstance(value, str) or not _DBT_SELECTION.fullmatch(value) or value.startswith("-"):
+        raise ValueError(
+            f"{value!r} is not a dbt selection: expected node-selection syntax such as "
+            "'source:events+', 'tag:hourly' or 'stg_orders+' (letters, digits and _ . : * + @ / , -)"
+        )
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(check_identifier)]
+DbtSelectionArg = Annotated[str, AfterValidator(check_dbt_selection)]
+
+
+class WarehouseKind(StrEnum):
+    DUCKDB = "duckdb"
+    SNOWFLAKE = "snowflake"
+
+
+class DbtRunnerKind(StrEnum):
+    CORE = "core"
+    CLOUD = "cloud"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CopyLoader(_Strict):
+    """Files staged by the user's own jobs and loaded by ``COPY INTO`` (or the DuckDB equivalent)."""
+
+    type: Literal["copy"] = "copy"
+
+
+class FivetranLoader(_Strict):
+    """A Fivetran connector writes the raw table; postload only transforms after its syncs."""
+
+    type: Literal["fivetran"]
+    connector_id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class Selection(_Strict):
+    """How to select the dbt work downstream of a source: exactly one of the three forms."""
+
+    select: DbtSelectionArg | None = None
+    tag: Identifier | None = None
+    selector: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Selection:
+        given = [k for k in ("select", "tag", "selector") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "expected exactly one of 'select' (e.g. 'source:events+'), 'tag' (e.g. 'events') "
+                f"or 'selector' (a name in selectors.yml); got {given or 'none'}"
+            )
+        return self
+
+    def cli_args(self) -> list[str]:
+        """dbt CLI arguments that select this work (each its own argv element)."""
+        if self.selector is not None:
+            return ["--selector", self.selector]
+        if self.tag is not None:
+            return ["--select", f"tag:{self.tag}"]
+        assert self.select is not None
+        return ["--select", self.select]
+
+    def describe(self) -> str:
+        return " ".join(self.cli_args())
+
+
+class SourceConfig(_Strict):
+    name: Identifier
+    raw_table: Identifier
+    stage: Identifier = Field(
+        description="DuckDB: sub-folder of the stage root. Snowflake: the named stage in the raw schema."
+    )
+    file_format: Literal["json"] = "json"
+    loader: CopyLoader | FivetranLoader = Field(default_factory=CopyLoader, discriminator="type")
+    dbt_source: Identifier | None = Field(
+        default=None, description="dbt source name; defaults to the source name"
+    )
+    selection: Selection | None = Field(
+        default=None, description="defaults to select: 'source:<dbt_source>+'"
+    )
+    dbt_cloud_job_id: int | None = Field(default=None, gt=0)
+
+    @property
+    def dbt_source_name(self) -> str:
+        return self.dbt_source or self.name
+
+    @property
+    def effective_selection(self) -> Selection:
+        return self.selection or Selection(select=f"source:{self.dbt_source_name}+")
+
+
+class PipelineConfig(_Strict):
+    version: Literal[1] = 1
+    raw_schema: Identifier = "raw"
+    ops_schema: Identifier = "ops"
+    sources: list[SourceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PipelineConfig:
+        seen: set[str] = set()
+        for s in self.sources:
+            if s.name in seen:
+                raise ValueError(f"source name {s.name!r} is declared twice")
+            seen.add(s.name)
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise UnknownSourceError(name, self.source_names)
+
+
+class UnknownSourceError(KeyError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"unknown source {self.name!r}; known sources: {', '.join(self.known)}"
+
+
+class ConfigError(ValueError):
+    """A pipeline config that cannot be used; the message names the file, key and expected form."""
+
+
+def load_pipeline_config(path: Path) -> PipelineConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline config not found (expected a YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'sources' list at the top level")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(path, raw, exc)) from None
+
+
+def _explain(path: Path, raw: dict, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid pipeline config ({exc.error_count()} problem(s))"]
+    for err in exc.errors():
+        lines.append(f"  - {_key_path(raw, err['loc'])}: {_expected(err)}")
+    return "\n".join(lines)
+
+
+def _key_path(raw: dict, loc: tuple) -> str:
+    """Render a pydantic location as a YAML key path, naming sources by their name, not index."""
+    parts: list[str] = []
+    node: object = raw
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]" + (f"(name={name})" if name else "")]
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            # discriminated unions add the tag as a location part; it is not a YAML key
+            if isinstance(node, dict) and item not in node and item in ("copy", "fivetran"):
+                continue
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def _expected(err: dict) -> str:
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling; see the documented keys in README)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(got, dict | list):
+        return msg
+    return f"{msg} (got {got!r})"
+
+
+class Settings(BaseSettings):
+    """Runtime settings, from ``POSTLOAD_*`` environment variables (or a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTLOAD_", env_file=".env", extra="ignore")
+
+    project_dir: Path = Field(default_factory=Path.cwd, description="root of the postload checkout")
+    pipeline_config: Path = Path("postload.yaml")
+    home: Path = Field(Path(".postload"), description="local state: warehouse, stage (git-ignored)")
+    warehouse: WarehouseKind = WarehouseKind.DUCKDB
+    duckdb_path: Path | None = None
+    stage_root: Path | None = None
+    snowflake_block: str = "postload-snowflake"
+
+    dbt_runner: DbtRunnerKind = DbtRunnerKind.CORE
+    dbt_project_dir: Path = Path("dbt_project")
+    dbt_cloud_credentials_block: str = "postload-dbt-cloud"
+    dbt_cloud_job_id: int | None = None
+    dbt_cloud_max_wait_seconds: int = Field(3600, gt=0)
+    dbt_cloud_poll_seconds: float = Field(10.0, gt=0)
+
+    warehouse_concurrency_limit: str = "postload-warehouse"
+    retries: int = Field(3, ge=0, le=20)
+    retry_backoff_seconds: float = Field(5.0, ge=0)
+    retry_jitter_factor: float = Field(0.5, ge=0)
+
+    def _abs(self, p: Path) -> Path:
+        return p if p.is_absolute() else (self.project_dir / p)
+
+    @cached_property
+    def home_path(self) -> Path:
+        return self._abs(self.home)
+
+    @cached_property
+    def duckdb_file(self) -> Path:
+        return self._abs(self.duckdb_path) if self.duckdb_path else self.home_path / "warehouse.duckdb"
+
+    @cached_property
+    def stage_root_path(self) -> Path:
+        return self._abs(self.stage_root) if self.stage_root else self.home_path / "stage"
+
+    @cached_property
+    def pipeline_config_path(self) -> Path:
+        return self._abs(self.pipeline_config)
+
+    @cached_property
+    def dbt_project_path(self) -> Path:
+        return self._abs(self.dbt_project_dir)
+
+    def load_pipeline(self) -> PipelineConfig:
+        return load_pipeline_config(self.pipeline_config_path)

@@ -1,0 +1,89 @@
+"""Prefect machinery the flows share: retry policy, the warehouse writer lock, artifact keys."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from prefect import Task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.tasks import exponential_backoff
+
+from postload.config import Settings
+from postload.warehouse import WarehouseUnavailableError
+
+_TRANSIENT_HTTP = {429, 500, 502, 503, 504}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Failures worth retrying: the infrastructure hiccuped, the data and models are fine.
+
+    A dbt model or test failure, bad data and timeouts of long dbt Cloud runs are not transient:
+    retrying them blindly would repeat work (or, for dbt Cloud, start a second run).
+    """
+    if isinstance(exc, WarehouseUnavailableError | httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in _TRANSIENT_HTTP
+    return False
+
+
+def retry_on_transient(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+def retry_options(settings: Settings) -> dict[str, Any]:
+    """Task options: exponential backoff with jitter, only for transient failures."""
+    return {
+        "retries": settings.retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=settings.retry_backoff_seconds)
+        if settings.retries
+        else 0,
+        "retry_jitter_factor": settings.retry_jitter_factor,
+        "retry_condition_fn": retry_on_transient,
+    }
+
+
+def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
+    """Create the global concurrency limit if it is missing (idempotent, race-safe)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+        except ObjectAlreadyExists:  # another run created it between read and create
+            pass
+
+
+@contextmanager
+def warehouse_writer(settings: Settings) -> Iterator[None]:
+    """Hold the single warehouse-writer slot: DuckDB allows one writing process per file, and
+    two runs loading and building the same tables at once would race even on Snowflake.
+
+    ``strict=True`` because a missing limit would otherwise only log a warning and not throttle.
+    """
+    ensure_concurrency_limit(settings.warehouse_concurrency_limit)
+    with concurrency(settings.warehouse_concurrency_limit, occupy=1, strict=True):
+        yield
+
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def current_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else "local"
+
+
+ProgressFn = Callable[[str], None]

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from postload.config import SourceConfig
+
+
+class LoadStatus(StrEnum):
+    """Snowflake's per-file COPY statuses (the DuckDB loader reports the same)."""
+
+    LOADED = "LOADED"
+    PARTIALLY_LOADED = "PARTIALLY_LOADED"
+    LOAD_FAILED = "LOAD_FAILED"
+
+
+@dataclass(frozen=True)
+class FileLoadResult:
+    """One row of a COPY INTO result: what happened to one staged file."""
+
+    file: str
+    status: LoadStatus
+    rows_parsed: int
+    rows_loaded: int
+    errors_seen: int
+    first_error: str | None = None
+    first_error_line: int | None = None
+
+    @property
+    def rows_rejected(self) -> int:
+        return self.rows_parsed - self.rows_loaded
+
+    def as_row(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status.value}
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One dbt node's outcome, as recorded in ``<ops>.dbt_run_results``."""
+
+    unique_id: str
+    name: str
+    resource_type: str
+    status: str
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    execution_time_s: float | None = None
+    rows_affected: int | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class TransformRecord:
+    """One transform (a dbt build for a source), as recorded in ``<ops>.transform_runs``."""
+
+    flow_run_id: str
+    source: str
+    selection: str
+    runner: str
+    status: str
+    started_at: datetime
+    completed_at: datetime
+    covers_loaded_at: datetime | None
+    nodes: list[NodeResult] = field(default_factory=list)
+    invocation_id: str | None = None
+    message: str | None = None
+
+    @property
+    def nodes_ok(self) -> int:
+        return sum(1 for n in self.nodes if n.status in ("success", "pass"))
+
+    @property
+    def nodes_failed(self) -> int:
+        return sum(1 for n in self.nodes if n.status in ("error", "fail", "runtime error"))
+
+
+class StageNotFoundError(FileNotFoundError):
+    """The stage a source is configured to load from does not exist."""
+
+
+class WarehouseUnavailableError(ConnectionError):
+    """A transient warehouse failure (locked file, dropped connection): safe to retry."""
+
+
+class Warehouse(Protocol):
+    kind: str
+    location: str
+
+    def ensure_schema(self) -> None:
+        """Create the raw tables, the ops tables and the pipeline_status view if missing."""
+
+    def load(self, source: SourceConfig, flow_run_id: str | None) -> list[FileLoadResult]:
+        """Load the source's new staged files; one result per file processed (none if no new files).
+
+        Each file is loaded and logged atomically, so a retry after a failure loads only the
+        files that were not loaded yet.
+        """
+
+    def record_transform(self, record: TransformRecord) -> None: ...
+
+    def pipeline_status(self) -> list[dict[str, Any]]: ...
+
+    def relations(self) -> set[tuple[str, str]]:
+        """(schema, name) of every table and view in the warehouse database, lower-cased."""
+
+    def latest_load_at(self, source: SourceConfig) -> datetime | None:
+        """When this source last loaded rows (from the load log)."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: one Prefect test server for the session, and an isolated postload home."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A real Prefect API server (SQLite) for the whole session; ~25 s to start on 2 cores."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@dataclass(frozen=True)
+class PostloadHome:
+    """An isolated checkout-like folder: its own warehouse, stage and dbt target."""
+
+    root: Path
+    env: dict[str, str]
+
+    @property
+    def stage(self) -> Path:
+        return self.root / ".postload" / "stage"
+
+    @property
+    def duckdb(self) -> Path:
+        return self.root / ".postload" / "warehouse.duckdb"
+
+
+@pytest.fixture
+def postload_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHome:
+    """Settings point at a temp copy of the pipeline config and dbt project (dbt writes target/)."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    shutil.copy(REPO / "postload.yaml", root / "postload.yaml")
+    shutil.copytree(
+        REPO / "dbt_project",
+        root / "dbt_project",
+        ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"),
+    )
+    env = {
+        "POSTLOAD_PROJECT_DIR": str(root),
+        "POSTLOAD_RETRY_BACKOFF_SECONDS": "0",
+        # Unique per test so runs of different tests never share a concurrency slot by accident.
+        "POSTLOAD_WAREHOUSE_CONCURRENCY_LIMIT": f"postload-warehouse-{tmp_path.name}",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return PostloadHome(root=root, env=env)

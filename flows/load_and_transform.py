@@ -113,14 +113,14 @@ def load_and_transform(source: str = "events") -> dict[str, Any]:
                 covers_loaded_at=warehouse.latest_load_at(src),
             )
             warehouse.record_transform(record)
-    status = report(warehouse)
+        status = report(warehouse)
 
     create_markdown_artifact(
         key=artifact_key("load-and-transform", src.name),
         markdown=_summary_markdown(verdict, build),
         description=f"load-and-transform summary for {src.name}",
     )
-    if build is not None and build.failed_nodes:
+    if build is not None and build.status == "error":
         raise DbtBuildError(build)
     return {
         "source": src.name,

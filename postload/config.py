@@ -209,8 +209,14 @@ def _key_path(raw: dict, loc: tuple) -> str:
     node: object = raw
     for item in loc:
         if isinstance(item, int):
-            name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]" + (f"(name={name})" if name else "")]
+            name = (
+                node[item].get("name")
+                if isinstance(node, list) and item < len(node) and isinstance(node[item], dict)
+                else None
+            )
+            parts[-1:] = [
+                f"{parts[-1] if parts else ''}[{item}]" + (f"(name={name})" if name else "")
+            ]
             node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
             # discriminated unions add the tag as a location part; it is not a YAML key
@@ -268,7 +274,9 @@ class Settings(BaseSettings):
 
     @cached_property
     def duckdb_file(self) -> Path:
-        return self._abs(self.duckdb_path) if self.duckdb_path else self.home_path / "warehouse.duckdb"
+        return (
+            self._abs(self.duckdb_path) if self.duckdb_path else self.home_path / "warehouse.duckdb"
+        )
 
     @cached_property
     def stage_root_path(self) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import httpx
@@ -57,10 +57,9 @@ def retry_options(settings: Settings) -> dict[str, Any]:
 def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
     """Create the global concurrency limit if it is missing (idempotent, race-safe)."""
     with get_client(sync_client=True) as client:
-        try:
+        # another run may create it between the upsert's read and its create
+        with suppress(ObjectAlreadyExists):
             client.upsert_global_concurrency_limit_by_name(name, limit)
-        except ObjectAlreadyExists:  # another run created it between read and create
-            pass
 
 
 @contextmanager

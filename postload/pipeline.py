@@ -47,9 +47,7 @@ class LoadVerdict:
     def summary(self) -> str:
         if self.outcome is LoadOutcome.NO_NEW_FILES:
             return f"source {self.source!r}: no new files to load; nothing to transform"
-        text = (
-            f"source {self.source!r}: loaded {self.rows_loaded} row(s) from {len(self.files)} file(s)"
-        )
+        text = f"source {self.source!r}: loaded {self.rows_loaded} row(s) from {len(self.files)} file(s)"
         if self.rows_rejected:
             text += (
                 f"; rejected {self.rows_rejected} malformed line(s) in "
@@ -72,7 +70,11 @@ def verify_load(source: SourceConfig, results: list[FileLoadResult]) -> LoadVerd
     if verdict.rows_loaded == 0:
         details = "; ".join(
             f"{r.file}: {r.status.value}, {r.errors_seen} of {r.rows_parsed} line(s) rejected"
-            + (f", first error at line {r.first_error_line}: {r.first_error}" if r.first_error else "")
+            + (
+                f", first error at line {r.first_error_line}: {r.first_error}"
+                if r.first_error
+                else ""
+            )
             for r in results
         )
         raise LoadVerificationError(

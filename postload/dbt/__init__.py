@@ -53,18 +53,26 @@ class DbtBuildError(RuntimeError):
 
     def __init__(self, result: DbtBuildResult) -> None:
         self.result = result
-        names = ", ".join(f"{n.name} ({n.status}: {_first_line(n.message)})" for n in result.failed_nodes)
+        names = ", ".join(
+            f"{n.name} ({n.status}: {_first_line(n.message)})" for n in result.failed_nodes
+        )
         super().__init__(f"dbt build {result.selection} failed: {names or result.message}")
 
 
 def _first_line(message: str | None) -> str:
-    return (message or "").strip().splitlines()[0][:300] if message and message.strip() else "no message"
+    return (
+        (message or "").strip().splitlines()[0][:300]
+        if message and message.strip()
+        else "no message"
+    )
 
 
 class DbtRunner(Protocol):
     kind: str
 
-    def build(self, selection: Selection, *, cause: str, job_id: int | None = None) -> DbtBuildResult:
+    def build(
+        self, selection: Selection, *, cause: str, job_id: int | None = None
+    ) -> DbtBuildResult:
         """Build exactly the selected nodes and wait; raise only for infrastructure failures."""
 
 

@@ -8,21 +8,60 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dbt.artifacts.schemas.results import RunStatus, TestStatus
+from dbt.cli.main import dbtRunner
 from dbt.contracts.results import RunExecutionResult
 from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
 
 from postload.config import Selection
 from postload.dbt import DbtBuildResult, NodeResult
 
-# The checked-in profiles.yml reads the warehouse path from this variable, so users can also run
-# plain `dbt` against the same file by exporting it.
+# The checked-in profiles.yml reads the warehouse path from this variable — the same one Settings
+# reads — so users can run plain `dbt` against the same file by exporting it.
 DUCKDB_PATH_ENV = "POSTLOAD_DUCKDB_PATH"
+
+
+@contextmanager
+def _profile_env(duckdb_path: Path) -> Iterator[None]:
+    """Expose the warehouse path to profiles.yml for one dbt invocation only, then let go of it.
+
+    Restored afterwards so it never leaks into later runs or child processes of a long-lived
+    worker (where it would override another run's settings).
+    """
+    previous = os.environ.get(DUCKDB_PATH_ENV)
+    os.environ[DUCKDB_PATH_ENV] = str(duckdb_path)
+    try:
+        yield
+    finally:
+        release_duckdb_file()
+        if previous is None:
+            os.environ.pop(DUCKDB_PATH_ENV, None)
+        else:
+            os.environ[DUCKDB_PATH_ENV] = previous
+
+
+def release_duckdb_file() -> None:
+    """Close dbt-duckdb's process-wide DuckDB handle so the file's write lock is released.
+
+    dbt-duckdb caches one DuckDB instance per process until exit (an atexit hook in
+    dbt/adapters/duckdb/connections.py), so a long-lived worker would keep the warehouse locked
+    against every other process after its first dbt run. Our writer slot is released when the
+    flow's warehouse work ends; the file must be released with it.
+    """
+    try:
+        from dbt.adapters.duckdb.connections import DuckDBConnectionManager
+    except ImportError:  # another adapter: nothing cached here
+        return
+    with DuckDBConnectionManager._LOCK:
+        env, DuckDBConnectionManager._ENV = DuckDBConnectionManager._ENV, None
+    if env is not None:
+        env.close()
 
 
 class DbtInvocationError(RuntimeError):
@@ -54,13 +93,36 @@ class CoreDbtRunner:
         return PrefectDbtRunner(settings=settings, raise_on_failure=False)
 
     def invoke(self, args: list[str]) -> Any:
-        os.environ[DUCKDB_PATH_ENV] = str(self.duckdb_path)
+        """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run)."""
         try:
-            return self._runner().invoke(args)
+            with _profile_env(self.duckdb_path):
+                return self._runner().invoke(args)
         except ValueError as exc:  # prefect-dbt wraps dbt's own exception this way
             raise DbtInvocationError(str(exc)) from exc
 
-    def build(self, selection: Selection, *, cause: str, job_id: int | None = None) -> DbtBuildResult:
+    def invoke_metadata(self, args: list[str]) -> Any:
+        """Run a dbt command that builds nothing (parse, ls) with plain dbt: no Prefect API needed."""
+        with _profile_env(self.duckdb_path):
+            res = dbtRunner().invoke(
+                [
+                    *args,
+                    "--project-dir",
+                    str(self.project_dir),
+                    "--profiles-dir",
+                    str(self.project_dir),
+                    "--target-path",
+                    str(self.target_path),
+                    "--log-level",
+                    "none",
+                ]
+            )
+        if not res.success:
+            raise DbtInvocationError(f"dbt {' '.join(args)} failed: {res.exception or res.result}")
+        return res
+
+    def build(
+        self, selection: Selection, *, cause: str, job_id: int | None = None
+    ) -> DbtBuildResult:
         nodes: list[NodeResult] = []
         missing = self.missing_parents(selection)
         if missing:
@@ -112,21 +174,25 @@ class CoreDbtRunner:
         while frontier:
             uid = frontier.pop()
             for parent in parent_map.get(uid, []):
-                if parent in models and parent not in selected and parent not in missing:
-                    if models[parent] not in existing:
-                        missing.add(parent)
-                        frontier.append(parent)
+                if (
+                    parent in models
+                    and parent not in selected
+                    and parent not in missing
+                    and models[parent] not in existing
+                ):
+                    missing.add(parent)
+                    frontier.append(parent)
         return sorted(manifest["nodes"][uid]["name"] for uid in missing)
 
     def _manifest(self) -> dict[str, Any]:
         path = self.target_path / "manifest.json"
         if not path.is_file():
-            self.invoke(["parse"])
+            self.invoke_metadata(["parse"])
         return json.loads(path.read_text(encoding="utf-8"))
 
     def list_nodes(self, selection: Selection) -> list[str]:
         """Unique ids of the nodes a build of this selection would run (no building)."""
-        res = self.invoke(
+        res = self.invoke_metadata(
             [
                 "ls",
                 *selection.cli_args(),
@@ -158,7 +224,11 @@ def node_result(result: Any) -> NodeResult:
     if started is None and result.timing:
         started, completed = result.timing[0].started_at, result.timing[-1].completed_at
     adapter = result.adapter_response or {}
-    status = result.status.value if isinstance(result.status, RunStatus | TestStatus) else str(result.status)
+    status = (
+        result.status.value
+        if isinstance(result.status, RunStatus | TestStatus)
+        else str(result.status)
+    )
     return NodeResult(
         unique_id=result.node.unique_id,
         name=result.node.name,

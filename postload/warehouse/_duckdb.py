@@ -73,7 +73,9 @@ class DuckDBWarehouse:
             con = duckdb.connect(str(self.path))
         except duckdb.IOException as exc:
             # "Could not set lock on file": another process is writing; the caller's retry waits.
-            raise WarehouseUnavailableError(f"DuckDB file {self.path} is unavailable: {exc}") from exc
+            raise WarehouseUnavailableError(
+                f"DuckDB file {self.path} is unavailable: {exc}"
+            ) from exc
         try:
             yield con
         finally:

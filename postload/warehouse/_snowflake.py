@@ -200,7 +200,8 @@ class SnowflakeWarehouse:
         """Use the saved ``SnowflakeConnector`` block; each operation gets its own copy of it."""
         from prefect_snowflake import SnowflakeConnector
 
-        template = SnowflakeConnector.load(block_name)
+        # _sync: a plain (not awaitable) load even when called from inside an async flow
+        template = SnowflakeConnector.load(block_name, _sync=True)
 
         def fresh() -> SnowflakeConnector:
             # model_copy shares private attributes; start each copy unconnected with no cursors.

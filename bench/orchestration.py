@@ -1,0 +1,646 @@
+"""Orchestration benchmark: the flow's transform step against bare ``dbt build``, side by side.
+
+For the demo dbt project and for a generated project of ``--models`` models (default 200), times
+``dbt build --select source:events+`` three ways in the same run, rotating the order:
+
+* **bare** — ``dbtRunner().invoke([...])`` with the project/profiles dir and
+  ``POSTLOAD_DUCKDB_PATH`` set (log levels as prefect-dbt sets them inside a flow run:
+  ``--log-level none --log-level-file info``).
+* **runner** — ``CoreDbtRunner.build(...)`` outside any flow: prefect-dbt's wrapper and postload's
+  missing-parents check, but no Prefect tasks.
+* **postload** — ``CoreDbtRunner.build(Selection(select="source:events+"), cause="bench")`` inside
+  a Prefect flow, so prefect-dbt creates a task per dbt node: the real overhead. The runner gets
+  ``existing_relations`` as ``open_dbt_runner`` gives it, so the steady-state missing-parents
+  check (catalog query + manifest.json) is included. The flow call as a whole (flow run creation,
+  state changes) is reported separately.
+
+A local Prefect server comes from ``prefect_test_harness`` (its startup is not timed). Demo data is
+loaded first (``write_demo_batch`` + ``DuckDBWarehouse.load`` for the three sources) and a full
+``dbt build`` warms each project up so every relation exists; one untimed run of each method
+follows. Reported: medians, ratio postload/bare (goal <= 1.3), where the postload time goes (a few
+calls are wrapped with timers in this process only; postload code is not modified), and how the
+overhead grows from the demo project to the generated one.
+
+    .venv/bin/python bench/orchestration.py [--quick] [--models 200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK_ROOT = ROOT / "bench" / ".work"
+DEMO_PROJECT = ROOT / "dbt_project"
+SELECT = "source:events+"
+GOAL = 1.3
+DUCKDB_PATH_ENV = "POSTLOAD_DUCKDB_PATH"
+METHODS = ("bare", "runner", "postload")
+
+
+@dataclass
+class Measured:
+    project: str
+    nodes: int = 0
+    task_runs: int | None = None
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    flow_call: list[float] = field(default_factory=list)
+    # runner and postload runs: seconds per timed call, one entry per run
+    steps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # the candidate fix, measured against bare in a second round
+    candidate: dict[str, list[float]] = field(default_factory=dict)
+
+    def median(self, method: str) -> float:
+        return statistics.median(self.seconds[method])
+
+    @property
+    def ratio(self) -> float:
+        return self.median("postload") / self.median("bare")
+
+    @property
+    def overhead(self) -> float:
+        return self.median("postload") - self.median("bare")
+
+    def step(self, method: str, key: str) -> float:
+        values = self.steps.get(method, {}).get(key, [])
+        return statistics.median(values) if values else 0.0
+
+
+class CallTimer:
+    """Sums the time spent in a few functions of postload, prefect-dbt and dbt, in this process.
+
+    The functions are wrapped (not changed); time is only recorded inside ``collect()``.
+    ``PrefectDbtRunner._call_task`` runs in prefect-dbt's callback thread, concurrently with dbt.
+    """
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] | None = None
+
+    def install(self) -> None:
+        from dbt.cli.main import dbtRunner
+        from prefect_dbt.core.runner import PrefectDbtRunner
+
+        from postload.dbt._core import CoreDbtRunner
+
+        self._wrap(CoreDbtRunner, "missing_parents", "missing_parents")
+        self._wrap(PrefectDbtRunner, "invoke", "prefect_invoke")
+        self._wrap(PrefectDbtRunner, "_call_task", "call_task")
+        self._wrap(dbtRunner, "invoke", "dbt_invoke")
+
+    def _wrap(self, owner: Any, name: str, key: str) -> None:
+        original = getattr(owner, name)
+        timer = self
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if (current := timer.current) is not None:
+                    ended = time.perf_counter()
+                    current[key] = current.get(key, 0.0) + ended - started
+                    current[f"{key}_end"] = ended
+
+        setattr(owner, name, timed)
+
+    @contextmanager
+    def collect(self) -> Iterator[dict[str, float]]:
+        self.current = {}
+        try:
+            yield self.current
+        finally:
+            if (current := self.current) and "prefect_invoke_end" in current:
+                # What prefect-dbt does after dbt returned: mostly draining its callback queue.
+                current["after_dbt"] = current["prefect_invoke_end"] - current["dbt_invoke_end"]
+            self.current = None
+
+
+@contextmanager
+def runner_log_level(level: str) -> Iterator[None]:
+    """Candidate fix, in this process only: give prefect-dbt a log level for dbt's events.
+
+    prefect-dbt forwards every dbt event at or above its log level to Prefect's logger; for
+    events without a node (run-level lines) it rebuilds the whole Prefect context first.
+    """
+    from dbt_common.events.base_types import EventLevel
+
+    from postload.dbt._core import CoreDbtRunner
+
+    original = CoreDbtRunner._runner
+
+    def _runner(self: Any) -> Any:
+        runner = original(self)
+        runner.settings.log_level = EventLevel(level)
+        return runner
+
+    CoreDbtRunner._runner = _runner
+    try:
+        yield
+    finally:
+        CoreDbtRunner._runner = original
+
+
+# --------------------------------------------------------------------------- generated project
+
+_STG = """select
+    json_extract_string(record, '$.event_id') as event_id,
+    cast(json_extract_string(record, '$.customer_id') as bigint) as customer_id,
+    json_extract_string(record, '$.event_type') as event_type,
+    cast(json_extract_string(record, '$.occurred_at') as timestamp) as occurred_at,
+    _loaded_at as loaded_at,
+    {i} as variant
+from {{{{ source('events', 'events') }}}}
+"""
+_INT = """select event_id, customer_id, event_type, occurred_at, loaded_at, variant
+from {{{{ ref('{a}') }}}}
+union all
+select event_id, customer_id, event_type, occurred_at, loaded_at, variant
+from {{{{ ref('{b}') }}}}
+"""
+_MART = """select
+    i.event_type,
+    count(*) as event_count,
+    count(distinct i.customer_id) as customer_count,
+    max(i.loaded_at) as last_loaded_at
+from {{{{ ref('{a}') }}}} as i
+where i.event_id in (select event_id from {{{{ ref('{b}') }}}})
+group by 1
+"""
+_PROJECT_YML = """name: postload_bench
+version: "1.0.0"
+profile: postload
+model-paths: ["models"]
+target-path: target
+flags:
+  send_anonymous_usage_stats: false
+models:
+  postload_bench:
+    staging:
+      +materialized: view
+    intermediate:
+      +materialized: view
+    marts:
+      +materialized: table
+"""
+
+
+def generate_project(dest: Path, models: int) -> dict[str, int]:
+    """A project over the ``events`` source: staging views -> intermediate views -> mart tables.
+
+    Every model descends from ``source:events`` (so the selection is the whole project), names are
+    prefixed ``gen_`` (no clash with the demo models in the same schema), and every fifth mart
+    gets a ``not_null`` test.
+    """
+    n_stg = max(1, models // 4)
+    n_int = max(1, models // 2)
+    n_mart = max(1, models - n_stg - n_int)
+    shutil.rmtree(dest, ignore_errors=True)
+    for layer in ("staging", "intermediate", "marts"):
+        (dest / "models" / layer).mkdir(parents=True)
+    (dest / "dbt_project.yml").write_text(_PROJECT_YML, encoding="utf-8")
+    shutil.copy(DEMO_PROJECT / "profiles.yml", dest / "profiles.yml")
+    # Same sources yml as the demo project's events source.
+    shutil.copy(
+        DEMO_PROJECT / "models" / "staging" / "events" / "_events__sources.yml",
+        dest / "models" / "staging" / "_events__sources.yml",
+    )
+    stg = [f"gen_stg_{i:03d}" for i in range(n_stg)]
+    ints = [f"gen_int_{i:03d}" for i in range(n_int)]
+    marts = [f"gen_mart_{i:03d}" for i in range(n_mart)]
+    for i, name in enumerate(stg):
+        sql = _STG.format(i=i)
+        (dest / "models" / "staging" / f"{name}.sql").write_text(sql, encoding="utf-8")
+    for i, name in enumerate(ints):
+        sql = _INT.format(a=stg[i % n_stg], b=stg[(i * 7 + 3) % n_stg])
+        (dest / "models" / "intermediate" / f"{name}.sql").write_text(sql, encoding="utf-8")
+    tests = []
+    for i, name in enumerate(marts):
+        sql = _MART.format(a=ints[i % n_int], b=ints[(i * 13 + 5) % n_int])
+        (dest / "models" / "marts" / f"{name}.sql").write_text(sql, encoding="utf-8")
+        if i % 5 == 0:
+            tests.append(
+                f"  - name: {name}\n    columns:\n      - name: event_type\n"
+                "        data_tests: [not_null]\n"
+            )
+    (dest / "models" / "marts" / "_marts.yml").write_text(
+        "models:\n" + "".join(tests), encoding="utf-8"
+    )
+    return {"staging": n_stg, "intermediate": n_int, "marts": n_mart, "tests": len(tests)}
+
+
+# --------------------------------------------------------------------------- the three methods
+
+
+def bare_build(project: Path, target: Path, select: str | None = SELECT) -> tuple[float, int]:
+    from dbt.cli.main import dbtRunner
+
+    args = ["build", *(["--select", select] if select else [])]
+    args += ["--project-dir", str(project), "--profiles-dir", str(project)]
+    args += ["--target-path", str(target), "--log-level", "none", "--log-level-file", "info"]
+    started = time.perf_counter()
+    res = dbtRunner().invoke(args)
+    elapsed = time.perf_counter() - started
+    if not res.success:
+        raise RuntimeError(f"bare dbt {' '.join(args)} failed: {res.exception or res.result}")
+    return elapsed, len(res.result.results)
+
+
+def runner_build(
+    project: Path, target: Path, duckdb_path: Path, stage_root: Path
+) -> tuple[float, int]:
+    """``CoreDbtRunner.build`` as the flow's transform step calls it (in or outside a flow)."""
+    from postload.config import Selection, load_pipeline_config
+    from postload.dbt._core import CoreDbtRunner
+    from postload.warehouse._duckdb import DuckDBWarehouse
+
+    warehouse = DuckDBWarehouse(
+        duckdb_path, stage_root, load_pipeline_config(ROOT / "postload.yaml")
+    )
+    runner = CoreDbtRunner(
+        project, duckdb_path, target_path=target, existing_relations=warehouse.relations
+    )
+    started = time.perf_counter()
+    build = runner.build(Selection(select=SELECT), cause="bench")
+    elapsed = time.perf_counter() - started
+    if build.status != "success":
+        raise RuntimeError(f"postload build {build.selection}: {build.status} {build.message}")
+    return elapsed, len(build.nodes)
+
+
+def make_flow() -> Any:
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    @flow(name="bench-transform")
+    def bench_transform(project: str, target: str, duckdb_path: str, stage_root: str) -> dict:
+        seconds, nodes = runner_build(
+            Path(project), Path(target), Path(duckdb_path), Path(stage_root)
+        )
+        return {"seconds": seconds, "nodes": nodes, "flow_run_id": flow_run.id}
+
+    return bench_transform
+
+
+def count_task_runs(flow_run_id: str, expected: int, wait_s: float = 15.0) -> int:
+    """Task runs the server recorded for one flow run (they arrive as events: allow a lag)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            count = offset = 0
+            while batch := client.read_task_runs(
+                flow_run_filter=flow_runs, limit=200, offset=offset
+            ):
+                count += len(batch)
+                offset += len(batch)
+            if count >= expected or time.monotonic() > deadline:
+                return count
+            time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def settle(timeout_s: float = 60.0) -> None:
+    """Wait (untimed) for prefect-dbt's per-node task threads to finish their task runs.
+
+    They are daemon threads the flow does not wait for; left running they would compete with the
+    next timed run, and at the end they would report to a server that is gone.
+    """
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name.endswith("(run_task)"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class Bench:
+    def __init__(self, work: Path, repeats: int, candidate_level: str | None) -> None:
+        self.work = work
+        self.repeats = repeats
+        self.candidate_level = candidate_level
+        self.duckdb_path = work / "warehouse.duckdb"
+        self.stage_root = work / "stage"
+        self.timer = CallTimer()
+        self.flow: Any = None
+        self.last_flow_run = ""
+
+    def start(self) -> None:
+        self.timer.install()
+        self.flow = make_flow()
+
+    def run_method(self, method: str, project: Path, label: str) -> tuple[float, int, dict, float]:
+        target = self.work / f"target-{method}-{label}"
+        with self.timer.collect() as steps:
+            call_started = time.perf_counter()
+            if method == "bare":
+                seconds, nodes = bare_build(project, target)
+            elif method == "runner":
+                # Outside a flow prefect-dbt prints dbt's INFO lines; keep this report readable.
+                with open(os.devnull, "w") as sink, redirect_stdout(sink):
+                    seconds, nodes = runner_build(
+                        project, target, self.duckdb_path, self.stage_root
+                    )
+            else:
+                out = self.flow(
+                    str(project), str(target), str(self.duckdb_path), str(self.stage_root)
+                )
+                seconds, nodes = out["seconds"], out["nodes"]
+                self.last_flow_run = str(out["flow_run_id"])
+            call = time.perf_counter() - call_started
+        if method == "postload":
+            settle()
+        return seconds, nodes, steps, call
+
+    def measure(self, label: str, project: Path) -> Measured:
+        print(
+            f"[{label}] warm-up: a full dbt build, then one untimed run of each method", flush=True
+        )
+        bare_build(project, self.work / f"target-bare-{label}", select=None)
+        for method in METHODS:
+            self.run_method(method, project, label)
+        result = Measured(label)
+        for rep in range(self.repeats):
+            k = rep % len(METHODS)
+            for method in METHODS[k:] + METHODS[:k]:
+                seconds, nodes, steps, call = self.run_method(method, project, label)
+                result.seconds[method].append(seconds)
+                if method == "postload":
+                    result.flow_call.append(call)
+                for key, value in steps.items():
+                    result.steps.setdefault(method, {}).setdefault(key, []).append(value)
+                if result.nodes not in (0, nodes):
+                    raise RuntimeError(f"{label}: {method} ran {nodes} nodes, not {result.nodes}")
+                result.nodes = nodes
+            runs = ", ".join(f"{m} {result.seconds[m][-1]:.2f}s" for m in METHODS)
+            print(f"[{label}] repeat {rep + 1}/{self.repeats}: {runs}", flush=True)
+        result.task_runs = count_task_runs(self.last_flow_run, result.nodes)
+        if self.candidate_level:
+            self.measure_candidate(result, project)
+        return result
+
+    def measure_candidate(self, result: Measured, project: Path) -> None:
+        label = result.project
+        name = f"postload, log level {self.candidate_level}"
+        result.candidate = {"bare": [], name: []}
+        with runner_log_level(self.candidate_level):
+            self.run_method("postload", project, label)  # untimed warm-up
+            for rep in range(self.repeats):
+                methods = ["bare", "postload"] if rep % 2 == 0 else ["postload", "bare"]
+                for method in methods:
+                    seconds, _nodes, _, _ = self.run_method(method, project, label)
+                    result.candidate["bare" if method == "bare" else name].append(seconds)
+        runs = ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in result.candidate.items())
+        print(f"[{label}] candidate fix: {runs}", flush=True)
+
+
+def load_demo_data(duckdb_path: Path, stage_root: Path) -> int:
+    from postload.config import load_pipeline_config
+    from postload.demo_data import DEMO_SOURCES, write_demo_batch
+    from postload.warehouse._duckdb import DuckDBWarehouse
+
+    pipeline = load_pipeline_config(ROOT / "postload.yaml")
+    warehouse = DuckDBWarehouse(duckdb_path, stage_root, pipeline)
+    warehouse.ensure_schema()
+    rows = 0
+    for source in DEMO_SOURCES:
+        write_demo_batch(stage_root, source, 0)
+        rows += sum(r.rows_loaded for r in warehouse.load(pipeline.source(source), None))
+    return rows
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells))
+
+
+def breakdown(results: list[Measured]) -> None:
+    print("\n== where the time goes (median seconds per run) ==")
+    header = ["step"]
+    for r in results:
+        header += [f"{r.project} runner", f"{r.project} postload"]
+    lines = {
+        "flow run around the build (flow call - build)": lambda r, m: (
+            statistics.median(r.flow_call) - r.median(m) if m == "postload" else 0.0
+        ),
+        "missing-parents check (catalog + manifest.json)": lambda r, m: r.step(
+            m, "missing_parents"
+        ),
+        "prefect-dbt before dbt starts (profiles.yml etc.)": lambda r, m: (
+            r.step(m, "prefect_invoke") - r.step(m, "dbt_invoke") - r.step(m, "after_dbt")
+        ),
+        "prefect-dbt after dbt returns (callback queue drain)": lambda r, m: r.step(m, "after_dbt"),
+        "dbt itself (dbtRunner.invoke)": lambda r, m: r.step(m, "dbt_invoke"),
+        "  same, bare (for comparison)": lambda r, m: r.median("bare"),
+        "  task creation (_call_task, concurrent with dbt)": lambda r, m: r.step(m, "call_task"),
+        "rest of CoreDbtRunner.build (node results)": lambda r, m: (
+            r.median(m) - r.step(m, "missing_parents") - r.step(m, "prefect_invoke")
+        ),
+    }
+    rows = []
+    for label, fn in lines.items():
+        row = [label]
+        for r in results:
+            row += [f"{fn(r, m):.2f}" for m in ("runner", "postload")]
+        rows.append(row)
+    print_table(header, rows)
+
+
+def report(results: list[Measured]) -> None:
+    print("\n== summary: dbt build --select source:events+ (median seconds) ==")
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r.project,
+                str(r.nodes),
+                "?" if r.task_runs is None else str(r.task_runs),
+                *(f"{r.median(m):.2f}" for m in METHODS),
+                f"{statistics.median(r.flow_call):.2f}",
+                f"{r.median('runner') / r.median('bare'):.2f}",
+                f"{r.ratio:.2f}",
+                f"{r.overhead:+.2f}",
+                f"{1000 * r.overhead / max(r.nodes, 1):+.0f}",
+                "ok" if r.ratio <= GOAL else "MISSED",
+            ]
+        )
+    print_table(
+        [
+            "project",
+            "nodes",
+            "tasks",
+            "bare s",
+            "runner s",
+            "postload s",
+            "flow call s",
+            "runner/bare",
+            "postload/bare",
+            "overhead s",
+            "ms/node",
+            f"goal <= {GOAL}",
+        ],
+        rows,
+    )
+    print(
+        "nodes: dbt nodes built and tested; tasks: Prefect task runs the server recorded for one\n"
+        "postload run; runner: CoreDbtRunner.build outside a flow; postload: the same inside a\n"
+        "flow; flow call: the whole flow call; overhead = postload - bare."
+    )
+    for r in results:
+        for m in METHODS:
+            print(f"  {r.project} {m} runs: {' '.join(f'{s:.2f}' for s in r.seconds[m])}")
+    breakdown(results)
+    if any(r.candidate for r in results):
+        print(
+            "\n== candidate fix: prefect-dbt log level for dbt events (same run, second round) =="
+        )
+        rows = []
+        for r in results:
+            if not r.candidate:
+                continue
+            (_bare, bare_runs), (name, fix_runs) = r.candidate.items()
+            fixed, base = statistics.median(fix_runs), statistics.median(bare_runs)
+            rows.append(
+                [
+                    r.project,
+                    name,
+                    f"{base:.2f}",
+                    f"{fixed:.2f}",
+                    f"{fixed / base:.2f}",
+                    f"{r.ratio:.2f}",
+                    "ok" if fixed / base <= GOAL else "MISSED",
+                ]
+            )
+        print_table(
+            [
+                "project",
+                "variant",
+                "bare s",
+                "variant s",
+                "ratio",
+                "shipped ratio",
+                f"goal <= {GOAL}",
+            ],
+            rows,
+        )
+    if len(results) == 2:
+        small, big = results
+        print(
+            f"\noverhead growth {small.project} -> {big.project} ({small.nodes} -> {big.nodes} "
+            f"nodes): {small.overhead:+.2f}s -> {big.overhead:+.2f}s, "
+            f"ratio {small.ratio:.2f} -> {big.ratio:.2f}"
+        )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of the process: {rss:.0f} MiB; load average now: {os.getloadavg()[0]:.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: 1 repeat, 20 models")
+    parser.add_argument("--models", type=int, default=None, help="generated models (default 200)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per method (default 3)")
+    parser.add_argument("--skip-generated", action="store_true", help="demo project only")
+    parser.add_argument(
+        "--candidate-level",
+        default="warn",
+        choices=["debug", "info", "warn", "error"],
+        help="log level given to prefect-dbt in the candidate-fix round (default warn)",
+    )
+    parser.add_argument("--no-candidate", action="store_true", help="skip the candidate-fix round")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    models = args.models if args.models is not None else (20 if args.quick else 200)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if models < 3 or repeats < 1:
+        parser.error("--models must be >= 3 and --repeats >= 1")
+
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="orchestration-", dir=WORK_ROOT))
+    # Before Prefect is imported: its state in the work dir, no analytics, a quiet console
+    # (INFO logs still go to the API, as in a real run).
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(work / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+            "DO_NOT_TRACK": "1",
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+            DUCKDB_PATH_ENV: str(work / "warehouse.duckdb"),
+        }
+    )
+    try:
+        return run(args, work, models, repeats)
+    finally:
+        if args.keep:
+            print(f"\nwork directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path, models: int, repeats: int) -> int:
+    import prefect
+    from prefect.logging.configuration import setup_logging
+
+    # As in a real flow, Prefect configures logging before dbt is imported: dbt imports
+    # snowplow_tracker, whose import-time logging.basicConfig() would otherwise add a root handler
+    # that prints every dbt line a second time.
+    setup_logging()
+    import dbt.version
+    from prefect.testing.utilities import prefect_test_harness
+
+    started = time.perf_counter()
+    print(
+        f"orchestration benchmark: prefect {prefect.__version__}, dbt-core "
+        f"{dbt.version.__version__}, {repeats} repeat(s) per method, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    bench = Bench(work, repeats, None if args.no_candidate else args.candidate_level)
+    rows = load_demo_data(bench.duckdb_path, bench.stage_root)
+    print(f"demo data loaded: {rows} rows")
+    demo = work / "demo_project"
+    shutil.copytree(
+        DEMO_PROJECT, demo, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages")
+    )
+    projects = [("demo", demo)]
+    if not args.skip_generated:
+        gen = work / f"generated_{models}"
+        shape = generate_project(gen, models)
+        print(f"generated project: {', '.join(f'{v} {k}' for k, v in shape.items())}")
+        projects.append((f"gen{models}", gen))
+
+    server_started = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=120):
+        print(f"Prefect test server up in {time.perf_counter() - server_started:.1f}s (not timed)")
+        bench.start()
+        results = [bench.measure(label, path) for label, path in projects]
+        report(results)
+    print(f"total wall time: {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,10 +56,9 @@ def retry_options(settings: Settings) -> dict[str, Any]:
 
 def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
     """Create the global concurrency limit if it is missing (idempotent, race-safe)."""
-    with get_client(sync_client=True) as client:
-        # another run may create it between the upsert's read and its create
-        with suppress(ObjectAlreadyExists):
-            client.upsert_global_concurrency_limit_by_name(name, limit)
+    # another run may create it between the upsert's read and its create
+    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(name, limit)
 
 
 @contextmanager

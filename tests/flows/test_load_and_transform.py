@@ -249,3 +249,49 @@ def test_two_processes_writing_one_warehouse_queue_instead_of_crashing(
     assert len(windows) == 2
     (_, first_end), (second_start, _) = windows
     assert first_end <= second_start, "the two runs' transforms overlapped"
+
+
+def test_transient_warehouse_failure_is_retried_without_duplicate_loads(
+    prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warehouse is unavailable mid-load (after one file): the task retries, loads the rest."""
+    from postload.warehouse import WarehouseUnavailableError
+    from postload.warehouse._duckdb import DuckDBWarehouse
+
+    monkeypatch.setenv("POSTLOAD_RETRIES", "2")
+    stage = postload_home.stage / "orders"
+    stage.mkdir(parents=True)
+    for n in (1, 2):
+        (stage / f"o{n}.jsonl").write_text(
+            f'{{"order_id": {n}, "customer_id": 1, "amount": 1.5, "status": "placed", '
+            '"ordered_at": "2024-01-01T00:00:00Z"}\n'
+        )
+    original = DuckDBWarehouse._load_file
+    attempts: list[str] = []
+
+    def unavailable_once_after_first_file(self, con, source, table, path, name, md5, run_id):  # type: ignore[no-untyped-def]
+        attempts.append(name)
+        if attempts == ["o1.jsonl", "o2.jsonl"]:
+            raise WarehouseUnavailableError("connection dropped (simulated)")
+        return original(self, con, source, table, path, name, md5, run_id)
+
+    monkeypatch.setattr(DuckDBWarehouse, "_load_file", unavailable_once_after_first_file)
+    state = load_and_transform("orders", return_state=True)
+    assert state.is_completed(), state.message
+    assert attempts == ["o1.jsonl", "o2.jsonl", "o2.jsonl"]
+    assert sql(
+        postload_home, "select file, count(*) from ops.load_log group by file order by file"
+    ) == [
+        ("o1.jsonl", 1),
+        ("o2.jsonl", 1),
+    ]
+    assert sql(postload_home, "select count(*) from raw.orders") == [(2,)]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (load_run,) = [t for t in runs if t.name.startswith("load-")]
+    assert load_run.run_count == 2
+

@@ -1,0 +1,48 @@
+# The two README commands: `make demo` and `make test`. Both set up everything on a fresh machine
+# with Python 3.11 and pip: a .venv with the locked dependencies (uv, bootstrapped with pip).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+# Prefect's server analytics phone home; the embedded default runs offline.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup demo test lint lock bench bench-quick clean
+
+$(BIN)/postload: pyproject.toml requirements-dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements-dev.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+setup: $(BIN)/postload
+
+## Run the load-and-transform pipeline end to end on the embedded default (DuckDB + dbt-core + local Prefect).
+demo: setup
+	$(BIN)/postload demo
+
+## Lint, then the whole test suite (a real Prefect test server, DuckDB and dbt; fakes only for cloud services).
+test: setup lint
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Re-pin dependencies after editing pyproject.toml.
+lock: setup
+	$(BIN)/uv pip compile --quiet pyproject.toml --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements-dev.lock
+
+bench: setup
+	$(BIN)/python bench/load.py
+	$(BIN)/python bench/orchestration.py
+
+bench-quick: setup
+	$(BIN)/python bench/load.py --quick
+	$(BIN)/python bench/orchestration.py --quick
+
+clean:
+	rm -rf .postload dbt_project/target dbt_project/logs

@@ -10,7 +10,9 @@ from postload.warehouse import WarehouseUnavailableError
 
 def http_error(status: int) -> httpx.HTTPStatusError:
     request = httpx.Request("POST", "https://cloud.getdbt.com/api/v2/accounts/1/jobs/2/run/")
-    return httpx.HTTPStatusError("x", request=request, response=httpx.Response(status, request=request))
+    return httpx.HTTPStatusError(
+        "x", request=request, response=httpx.Response(status, request=request)
+    )
 
 
 @pytest.mark.parametrize(

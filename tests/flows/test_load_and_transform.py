@@ -294,4 +294,3 @@ def test_transient_warehouse_failure_is_retried_without_duplicate_loads(
         )
     (load_run,) = [t for t in runs if t.name.startswith("load-")]
     assert load_run.run_count == 2
-

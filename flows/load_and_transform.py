@@ -29,8 +29,7 @@ from postload.pipeline import (
     transform_record,
     verify_load,
 )
-from postload.warehouse import FileLoadResult, Warehouse, open_warehouse
-from postload.warehouse._duckdb import utcnow
+from postload.warehouse import FileLoadResult, Warehouse, open_warehouse, utcnow
 
 
 @task(name="load", cache_policy=NO_CACHE)

@@ -22,6 +22,7 @@ from postload.warehouse._types import (
     TransformRecord,
     Warehouse,
     WarehouseUnavailableError,
+    utcnow,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Warehouse",
     "WarehouseUnavailableError",
     "open_warehouse",
+    "utcnow",
 ]
 
 

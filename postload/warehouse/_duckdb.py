@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from postload.warehouse._types import (
     StageNotFoundError,
     TransformRecord,
     WarehouseUnavailableError,
+    utcnow,
 )
 
 # Split a file into numbered lines inside DuckDB (no per-line Python): line numbers are needed
@@ -49,11 +50,6 @@ _STATS = """
 select count(*), count(*) filter (where ok), min(line_no) filter (where not ok)
 from _postload_lines
 """
-
-
-def utcnow() -> datetime:
-    """Naive UTC: what both DuckDB ``timestamp`` and Snowflake ``timestamp_ntz`` store."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class DuckDBWarehouse:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -34,6 +34,7 @@ from postload.warehouse._types import (
     LoadStatus,
     TransformRecord,
     WarehouseUnavailableError,
+    utcnow,
 )
 
 if TYPE_CHECKING:
@@ -76,11 +77,6 @@ _PERMANENT_TYPES: tuple[type[BaseException], ...] = (
 # Server codes for rejected credentials (newer drivers also give them SQLSTATE 28000; older ones
 # used 08001, which would otherwise read as a connection failure).
 _CREDENTIAL_REJECTED = frozenset({390100, 390144, *range(394300, 394307)})
-
-
-def utcnow() -> datetime:
-    """Naive UTC, what ``timestamp_ntz`` stores (the same convention as the DuckDB warehouse)."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -314,6 +310,14 @@ class SnowflakeWarehouse:
                 cursor_type=DictCursor,
             )
         return [{str(k).lower(): _plain(v) for k, v in row.items()} for row in rows]
+
+    def relations(self) -> set[tuple[str, str]]:
+        """(schema, name) of every table and view in the connector's database, lower-cased."""
+        with self._session("relations") as connector:
+            rows = connector.fetch_all(
+                "select lower(table_schema), lower(table_name) from information_schema.tables"
+            )
+        return {(schema, name) for schema, name in rows}
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self._session(f"latest_load_at {source.name}") as connector:

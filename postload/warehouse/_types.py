@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
 from postload.config import SourceConfig
+
+
+def utcnow() -> datetime:
+    """Naive UTC: what DuckDB ``timestamp`` and Snowflake ``timestamp_ntz`` store alike."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class LoadStatus(StrEnum):

@@ -198,6 +198,16 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 # -- 1. ensure_schema -------------------------------------------------------------------------
 
 
+def test_relations_lists_tables_for_the_missing_parents_check(
+    fake_snowflake: None, factory: CountingFactory
+) -> None:
+    wh = SnowflakeWarehouse(factory, PIPELINE)
+    wh.ensure_schema()
+    relations = wh.relations()
+    # fakesnow's information_schema.tables omits views; real Snowflake lists them too.
+    assert {("raw", "events"), ("ops", "load_log"), ("ops", "transform_runs")} <= relations
+
+
 def test_ensure_schema_is_idempotent_and_creates_everything(
     fake_snowflake: None, factory: CountingFactory
 ) -> None:

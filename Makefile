@@ -7,6 +7,9 @@ UV_VERSION := 0.13.9
 # Prefect's server analytics phone home; the embedded default runs offline.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Without PREFECT_API_URL the demo uses Prefect's temporary local server; its default 20 s start-up
+# budget is too tight on a 2-core machine (~25 s measured).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: setup demo test lint lock bench bench-quick clean
 

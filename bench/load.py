@@ -350,7 +350,8 @@ def run(args: argparse.Namespace, work: Path, total_bytes: int, repeats: int) ->
     print(
         f"load benchmark: {total_bytes / MIB:.0f} MiB of {SOURCE} JSON lines "
         f"in {args.files} files, {repeats} repeat(s) per method, "
-        f"duckdb {duckdb.__version__}, {os.cpu_count()} CPUs"
+        f"duckdb {duckdb.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     variants = {"clean": 0, "1% malformed": MALFORMED_EVERY}
     stages: dict[str, Path] = {}
@@ -394,30 +395,49 @@ def run(args: argparse.Namespace, work: Path, total_bytes: int, repeats: int) ->
             )
         if ratio > GOAL:
             missed.append(label)
+        best_ratio = min(timing["loader"].seconds) / min(timing["bare"].seconds)
         for name, secs in [("loader", loader), ("bare", bare)]:
+            first = name == "loader"
             rows.append(
                 [
                     label,
                     name,
                     f"{secs:.2f}",
+                    f"{min(timing[name].seconds):.2f}",
                     " ".join(f"{s:.2f}" for s in timing[name].seconds),
                     f"{size / secs:.1f}",
                     f"{timing[name].rows:,}",
-                    f"{ratio:.2f}" if name == "loader" else "",
-                    ("ok" if ratio <= GOAL else "MISSED") if name == "loader" else "",
+                    f"{ratio:.2f}" if first else "",
+                    f"{best_ratio:.2f}" if first else "",
+                    ("ok" if ratio <= GOAL else "MISSED") if first else "",
                 ]
             )
     print_table(
-        ["variant", "method", "median s", "runs s", "MiB/s", "rows", "ratio", f"goal <= {GOAL}"],
+        [
+            "variant",
+            "method",
+            "median s",
+            "best s",
+            "runs s",
+            "MiB/s",
+            "rows",
+            "ratio",
+            "ratio of bests",
+            f"goal <= {GOAL}",
+        ],
         rows,
     )
+    print("ratio = loader median / bare median; MiB/s from the medians")
     print(f"\npeak RSS of the process: {peak_rss_mib():.0f} MiB")
 
     if args.profile == "always" or (args.profile == "auto" and missed):
         profile(pipeline, work, stages, staged, variants, results, repeats)
     elif missed:
         print("ratio above the goal: rerun with --profile always for the step breakdown")
-    print(f"peak RSS of the process (final): {peak_rss_mib():.0f} MiB")
+    print(
+        f"peak RSS of the process (final): {peak_rss_mib():.0f} MiB; "
+        f"load average now: {os.getloadavg()[0]:.1f}"
+    )
     return 0
 
 
@@ -444,6 +464,11 @@ def profile(
             ["step", "s", "% of steps"],
             [[name, f"{s:.3f}", f"{100 * s / total:.0f}%"] for name, s in steps.items()],
         )
+    print(
+        "(each step here reads a materialized temp table, so DuckDB may use all threads; the\n"
+        "shipped _LINES fuses split, trim and validation over one row per file, which runs as a\n"
+        "single pipeline: the fused timings below are the ones the loader pays)"
+    )
 
     print("\n== alternatives for the two biggest steps (same files, summed) ==")
     check_fast_lines_equivalent(work, staged["clean"])

@@ -331,9 +331,8 @@ def settle(timeout_s: float = 60.0) -> None:
 
 
 class Bench:
-    def __init__(self, work: Path, repeats: int, candidate_level: str | None) -> None:
+    def __init__(self, work: Path, candidate_level: str | None) -> None:
         self.work = work
-        self.repeats = repeats
         self.candidate_level = candidate_level
         self.duckdb_path = work / "warehouse.duckdb"
         self.stage_root = work / "stage"
@@ -346,7 +345,9 @@ class Bench:
         self.flow = make_flow()
 
     def run_method(self, method: str, project: Path, label: str) -> tuple[float, int, dict, float]:
-        target = self.work / f"target-{method}-{label}"
+        # One target dir per project, shared by the methods: each run finds the same partial-parse
+        # state and manifest.json, whichever method ran before it.
+        target = self.work / f"target-{label}"
         with self.timer.collect() as steps:
             call_started = time.perf_counter()
             if method == "bare":
@@ -368,15 +369,20 @@ class Bench:
             settle()
         return seconds, nodes, steps, call
 
-    def measure(self, label: str, project: Path) -> Measured:
+    def measure(self, label: str, project: Path, repeats: int, warm_methods: bool) -> Measured:
+        """``repeats`` runs of each method; ``warm_methods``: one untimed run of each first
+        (the first project warms up the process: imports, first flow run, first dbt runs)."""
         print(
-            f"[{label}] warm-up: a full dbt build, then one untimed run of each method", flush=True
+            f"[{label}] warm-up: a full dbt build"
+            + (", then one untimed run of each method" if warm_methods else ""),
+            flush=True,
         )
-        bare_build(project, self.work / f"target-bare-{label}", select=None)
-        for method in METHODS:
-            self.run_method(method, project, label)
+        bare_build(project, self.work / f"target-{label}", select=None)
+        if warm_methods:
+            for method in METHODS:
+                self.run_method(method, project, label)
         result = Measured(label)
-        for rep in range(self.repeats):
+        for rep in range(repeats):
             k = rep % len(METHODS)
             for method in METHODS[k:] + METHODS[:k]:
                 seconds, nodes, steps, call = self.run_method(method, project, label)
@@ -389,20 +395,19 @@ class Bench:
                     raise RuntimeError(f"{label}: {method} ran {nodes} nodes, not {result.nodes}")
                 result.nodes = nodes
             runs = ", ".join(f"{m} {result.seconds[m][-1]:.2f}s" for m in METHODS)
-            print(f"[{label}] repeat {rep + 1}/{self.repeats}: {runs}", flush=True)
+            print(f"[{label}] repeat {rep + 1}/{repeats}: {runs}", flush=True)
         if self.candidate_level:
-            self.measure_candidate(result, project)
+            self.measure_candidate(result, project, repeats)
         # Also lets the server record the last run's task runs before the harness stops it.
         result.task_runs = count_task_runs(self.last_flow_run, result.nodes)
         return result
 
-    def measure_candidate(self, result: Measured, project: Path) -> None:
+    def measure_candidate(self, result: Measured, project: Path, repeats: int) -> None:
         label = result.project
         name = f"postload, log level {self.candidate_level}"
         result.candidate = {"bare": [], name: []}
         with runner_log_level(self.candidate_level):
-            self.run_method("postload", project, label)  # untimed warm-up
-            for rep in range(self.repeats):
+            for rep in range(repeats):
                 methods = ["bare", "postload"] if rep % 2 == 0 else ["postload", "bare"]
                 for method in methods:
                     seconds, _nodes, _, _ = self.run_method(method, project, label)
@@ -565,7 +570,16 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="CI smoke: 1 repeat, 10 models, no candidate round"
     )
     parser.add_argument("--models", type=int, default=None, help="generated models (default 200)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per method (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs per method, demo project (default 3)"
+    )
+    parser.add_argument(
+        "--gen-repeats",
+        type=int,
+        default=1,
+        help="runs per method, generated project (default 1: one postload run of 200 models "
+        "takes over a minute on 2 cores)",
+    )
     parser.add_argument("--skip-generated", action="store_true", help="demo project only")
     parser.add_argument(
         "--candidate-level",
@@ -581,8 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = args.models if args.models is not None else (10 if args.quick else 200)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    if models < 3 or repeats < 1:
-        parser.error("--models must be >= 3 and --repeats >= 1")
+    if models < 3 or repeats < 1 or args.gen_repeats < 1:
+        parser.error("--models must be >= 3, --repeats and --gen-repeats >= 1")
 
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="orchestration-", dir=WORK_ROOT))
@@ -621,29 +635,33 @@ def run(args: argparse.Namespace, work: Path, models: int, repeats: int) -> int:
     started = time.perf_counter()
     print(
         f"orchestration benchmark: prefect {prefect.__version__}, dbt-core "
-        f"{dbt.version.__version__}, {repeats} repeat(s) per method, {os.cpu_count()} CPUs, "
+        f"{dbt.version.__version__}, {repeats} repeat(s) per method (generated project: {args.gen_repeats}), "
+        f"{os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     candidate = not args.no_candidate and (args.candidate or not args.quick)
-    bench = Bench(work, repeats, args.candidate_level if candidate else None)
+    bench = Bench(work, args.candidate_level if candidate else None)
     rows = load_demo_data(bench.duckdb_path, bench.stage_root)
     print(f"demo data loaded: {rows} rows")
     demo = work / "demo_project"
     shutil.copytree(
         DEMO_PROJECT, demo, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages")
     )
-    projects = [("demo", demo)]
+    projects = [("demo", demo, repeats)]
     if not args.skip_generated:
         gen = work / f"generated_{models}"
         shape = generate_project(gen, models)
         print(f"generated project: {', '.join(f'{v} {k}' for k, v in shape.items())}")
-        projects.append((f"gen{models}", gen))
+        projects.append((f"gen{models}", gen, args.gen_repeats))
 
     server_started = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=120):
         print(f"Prefect test server up in {time.perf_counter() - server_started:.1f}s (not timed)")
         bench.start()
-        results = [bench.measure(label, path) for label, path in projects]
+        results = [
+            bench.measure(label, path, n, warm_methods=i == 0)
+            for i, (label, path, n) in enumerate(projects)
+        ]
         report(results)
         time.sleep(3)  # untimed: let the server flush its event batches before it is stopped
     print(f"total wall time: {time.perf_counter() - started:.0f}s")

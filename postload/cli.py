@@ -124,4 +124,7 @@ def blocks_register() -> None:
 def main() -> None:
     # Prefect's server-side analytics phone home; the embedded default must work offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary local API (no PREFECT_API_URL) takes ~25 s to start on 2 cores; Prefect's
+    # default budget is 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     app()

@@ -36,6 +36,11 @@ from postload.warehouse import FileLoadResult, Warehouse, open_warehouse, utcnow
 def load(warehouse: Warehouse, source: SourceConfig) -> list[FileLoadResult]:
     warehouse.ensure_schema()
     results = warehouse.load(source, current_flow_run_id())
+    if not results:
+        get_run_logger().info(
+            "no new files in %s (it is empty, or every file in it loaded before)",
+            warehouse.stage_location(source),
+        )
     for r in results:
         get_run_logger().info(
             "%s: %s, %d/%d rows loaded", r.file, r.status.value, r.rows_loaded, r.rows_parsed

@@ -92,6 +92,9 @@ class DuckDBWarehouse:
     def stage_dir(self, source: SourceConfig) -> Path:
         return self.stage_root / source.stage
 
+    def stage_location(self, source: SourceConfig) -> str:
+        return str(self.stage_dir(source))
+
     def staged_files(self, source: SourceConfig) -> list[Path]:
         stage = self.stage_dir(source)
         if not stage.is_dir():

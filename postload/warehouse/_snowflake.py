@@ -255,6 +255,9 @@ class SnowflakeWarehouse:
             for statement in dict.fromkeys(statements):
                 connector.fetch_all(statement)
 
+    def stage_location(self, source: SourceConfig) -> str:
+        return f"@{self.pipeline.raw_schema}.{source.stage}"
+
     def load(self, source: SourceConfig, flow_run_id: str | None) -> list[FileLoadResult]:
         raw = self.pipeline.raw_schema
         table = f"{raw}.{source.raw_table}"

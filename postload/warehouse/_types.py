@@ -103,6 +103,9 @@ class Warehouse(Protocol):
         files that were not loaded yet.
         """
 
+    def stage_location(self, source: SourceConfig) -> str:
+        """Where the source's files are staged, for messages (a folder or ``@schema.stage``)."""
+
     def record_transform(self, record: TransformRecord) -> None: ...
 
     def pipeline_status(self) -> list[dict[str, Any]]: ...

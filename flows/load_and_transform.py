@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from postload.config import Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
@@ -61,6 +62,13 @@ def verify(source: SourceConfig, results: list[FileLoadResult]) -> LoadVerdict:
         )
     else:
         logger.info(verdict.summary())
+    if verdict.rows_loaded:
+        # COPY loads and Fivetran syncs share one wake-up path: transform-on-sync triggers on this.
+        emit_event(
+            "postload.source.loaded",
+            resource={"prefect.resource.id": f"postload.source.{source.name}"},
+            payload={"source": source.name, "rows_loaded": verdict.rows_loaded},
+        )
     return verdict
 
 

@@ -33,7 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 # dbt selection arguments travel as one argv element (never through a shell), but they still
 # must be plain node-selection syntax: names, dots, colons, wildcards, graph operators, commas.
-_DBT_SELECTION = re.compile(r"^[A-Za-z0-9_.:*+@/,\- ]{1,500}$")
+_DBT_SELECTION = re.compile(r"^[A-Za-z0-9_.:*+@/,\- ]{1,100000}$")
 
 
 def check_identifier(value: str) -> str:
@@ -131,6 +131,11 @@ class SourceConfig(_Strict):
         default=None, description="defaults to select: 'source:<dbt_source>+'"
     )
     dbt_cloud_job_id: int | None = Field(default=None, gt=0)
+    loaded_at_field: Identifier = Field(
+        default="_loaded_at",
+        description="raw-table column with each row's load time (Fivetran: _fivetran_synced); "
+        "its max is the source's freshness, the truth that decides what needs transforming",
+    )
 
     @property
     def dbt_source_name(self) -> str:
@@ -159,6 +164,13 @@ class PipelineConfig(_Strict):
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
+
+    def sources_for_connector(self, connector_id: str) -> list[SourceConfig]:
+        return [
+            s
+            for s in self.sources
+            if isinstance(s.loader, FivetranLoader) and s.loader.connector_id == connector_id
+        ]
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:
@@ -261,6 +273,11 @@ class Settings(BaseSettings):
     dbt_cloud_poll_seconds: float = Field(10.0, gt=0)
 
     warehouse_concurrency_limit: str = "postload-warehouse"
+    sync_debounce_seconds: float = Field(
+        2.0, ge=0, le=600, description="wait before planning an event-triggered transform"
+    )
+    sync_max_rounds: int = Field(5, ge=1, le=50)
+
     retries: int = Field(3, ge=0, le=20)
     retry_backoff_seconds: float = Field(5.0, ge=0)
     retry_jitter_factor: float = Field(0.5, ge=0)

@@ -184,6 +184,22 @@ class CoreDbtRunner:
                     frontier.append(parent)
         return sorted(manifest["nodes"][uid]["name"] for uid in missing)
 
+    def model_names(self, selection: Selection) -> list[str]:
+        """Names of the models, seeds and snapshots a selection picks (its tests follow them)."""
+        res = self.invoke_metadata(
+            [
+                "ls",
+                *selection.cli_args(),
+                "--resource-types",
+                *("model", "seed", "snapshot"),
+                "--output",
+                "json",
+                "--output-keys",
+                "name",
+            ]
+        )
+        return [json.loads(line)["name"] for line in (res.result or [])]
+
     def _manifest(self) -> dict[str, Any]:
         path = self.target_path / "manifest.json"
         if not path.is_file():

@@ -22,6 +22,7 @@ from postload.warehouse._types import (
     TransformRecord,
     Warehouse,
     WarehouseUnavailableError,
+    Watermark,
     utcnow,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "TransformRecord",
     "Warehouse",
     "WarehouseUnavailableError",
+    "Watermark",
     "open_warehouse",
     "utcnow",
 ]

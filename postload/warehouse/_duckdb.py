@@ -22,7 +22,9 @@ from postload.warehouse._sql import (
     LOAD_LOG_COLUMNS,
     RUN_RESULT_COLUMNS,
     TRANSFORM_RUN_COLUMNS,
+    covered_sql,
     insert_sql,
+    latest_loaded_sql,
     ops_ddl,
     transform_rows,
 )
@@ -32,6 +34,7 @@ from postload.warehouse._types import (
     StageNotFoundError,
     TransformRecord,
     WarehouseUnavailableError,
+    Watermark,
     utcnow,
 )
 
@@ -226,6 +229,19 @@ class DuckDBWarehouse:
                 "select lower(table_schema), lower(table_name) from information_schema.tables"
             ).fetchall()
         return {(schema, name) for schema, name in rows}
+
+    def watermarks(self, sources: list[SourceConfig]) -> dict[str, Watermark]:
+        with self.connect() as con:
+            covered = dict(con.execute(covered_sql(self.pipeline.ops_schema)).fetchall())
+            return {
+                s.name: Watermark(
+                    con.execute(
+                        latest_loaded_sql(self.pipeline.raw_schema, s.raw_table, s.loaded_at_field)
+                    ).fetchone()[0],
+                    covered.get(s.name),
+                )
+                for s in sources
+            }
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self.connect() as con:

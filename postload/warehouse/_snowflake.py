@@ -26,6 +26,8 @@ from postload.warehouse._sql import (
     LOAD_LOG_COLUMNS,
     RUN_RESULT_COLUMNS,
     TRANSFORM_RUN_COLUMNS,
+    covered_sql,
+    latest_loaded_sql,
     ops_ddl,
     transform_rows,
 )
@@ -34,6 +36,7 @@ from postload.warehouse._types import (
     LoadStatus,
     TransformRecord,
     WarehouseUnavailableError,
+    Watermark,
     utcnow,
 )
 
@@ -321,6 +324,17 @@ class SnowflakeWarehouse:
                 "select lower(table_schema), lower(table_name) from information_schema.tables"
             )
         return {(schema, name) for schema, name in rows}
+
+    def watermarks(self, sources: list[SourceConfig]) -> dict[str, Watermark]:
+        with self._session("watermarks") as connector:
+            covered = dict(connector.fetch_all(covered_sql(self.pipeline.ops_schema)))
+            result = {}
+            for s in sources:
+                rows = connector.fetch_all(
+                    latest_loaded_sql(self.pipeline.raw_schema, s.raw_table, s.loaded_at_field)
+                )
+                result[s.name] = Watermark(rows[0][0] if rows else None, covered.get(s.name))
+        return result
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self._session(f"latest_load_at {source.name}") as connector:

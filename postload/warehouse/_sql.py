@@ -163,3 +163,18 @@ def transform_rows(record) -> tuple[tuple, list[tuple]]:  # record: TransformRec
         for n in record.nodes
     ]
     return run, nodes
+
+
+def latest_loaded_sql(raw: str, table: str, loaded_at_field: str) -> str:
+    return (
+        f"select max({check_identifier(loaded_at_field)}) "
+        f"from {check_identifier(raw)}.{check_identifier(table)}"
+    )
+
+
+def covered_sql(ops: str) -> str:
+    """The newest load each source's successful transforms covered (failed ones do not count)."""
+    return (
+        f"select source, max(covers_loaded_at) from {check_identifier(ops)}.transform_runs "
+        "where status in ('success', 'nothing_selected') group by source"
+    )

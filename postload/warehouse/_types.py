@@ -81,6 +81,20 @@ class TransformRecord:
         return sum(1 for n in self.nodes if n.status in ("error", "fail", "runtime error"))
 
 
+@dataclass(frozen=True)
+class Watermark:
+    """How fresh a source's raw table is, and how much of it the models have seen."""
+
+    latest_loaded_at: datetime | None
+    covered_loaded_at: datetime | None
+
+    @property
+    def pending(self) -> bool:
+        return self.latest_loaded_at is not None and (
+            self.covered_loaded_at is None or self.latest_loaded_at > self.covered_loaded_at
+        )
+
+
 class StageNotFoundError(FileNotFoundError):
     """The stage a source is configured to load from does not exist."""
 
@@ -112,6 +126,12 @@ class Warehouse(Protocol):
 
     def relations(self) -> set[tuple[str, str]]:
         """(schema, name) of every table and view in the warehouse database, lower-cased."""
+
+    def watermarks(self, sources: list[SourceConfig]) -> dict[str, Watermark]:
+        """Per source: max of its loaded_at field, and the newest load a successful transform covered.
+
+        The warehouse is the truth about what needs transforming; events only wake us up.
+        """
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         """When this source last loaded rows (from the load log)."""

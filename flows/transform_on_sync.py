@@ -1,0 +1,137 @@
+"""transform-on-sync: build what changed, once, when Fivetran (or a COPY load) says data landed.
+
+Woken by deployment triggers on ``fivetran.sync.succeeded`` and ``postload.source.loaded`` events
+and by a sweep schedule. It never trusts the waking event for what to build: it reads each
+source's watermark in the warehouse, builds every pending source in one dbt invocation, and
+checks again before finishing, so syncs that landed meanwhile get exactly one follow-up build.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from postload.config import PipelineConfig, Settings
+from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
+from postload.dbt._core import CoreDbtRunner
+from postload.orchestration import current_flow_run_id, retry_options, warehouse_writer
+from postload.pipeline import transform_record
+from postload.sync import TransformPlan, plan_transform
+from postload.warehouse import Warehouse, open_warehouse, utcnow
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan(
+    warehouse: Warehouse, pipeline: PipelineConfig, resolver: CoreDbtRunner
+) -> TransformPlan | None:
+    return plan_transform(pipeline, warehouse.watermarks(pipeline.sources), resolver.model_names)
+
+
+@task(name="transform", cache_policy=NO_CACHE)
+def transform(runner: DbtRunner, plan: TransformPlan, cause: str) -> DbtBuildResult:
+    return runner.build(plan.selection, cause=cause)
+
+
+@flow(name="transform-on-sync")
+def transform_on_sync(
+    connector_id: str | None = None, sync_id: str | None = None, reason: str = "sweep"
+) -> dict[str, Any]:
+    """Build the dbt models downstream of every source with new data (none if nothing changed)."""
+    logger = get_run_logger()
+    settings = Settings()
+    pipeline = settings.load_pipeline()
+    if connector_id is not None and not pipeline.sources_for_connector(connector_id):
+        return _unknown_connector(connector_id, sync_id, pipeline)
+
+    warehouse = open_warehouse(settings, pipeline)
+    runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
+    resolver = CoreDbtRunner(settings.dbt_project_path, settings.duckdb_file)
+    if reason != "sweep" and settings.sync_debounce_seconds:
+        # A short debounce: syncs finishing together land in this run instead of a follow-up.
+        time.sleep(settings.sync_debounce_seconds)
+
+    builds: list[dict[str, Any]] = []
+    with warehouse_writer(settings):
+        warehouse.ensure_schema()
+        for _ in range(settings.sync_max_rounds):
+            todo = plan(warehouse, pipeline, resolver)
+            if todo is None:
+                if not builds:
+                    logger.info(
+                        "nothing to transform: no source has loaded rows since its last build "
+                        "(a sync that changed nothing, or a redelivered event)"
+                    )
+                break
+            started_at = utcnow()
+            build = transform.with_options(**retrying(settings))(
+                runner, todo, cause=f"postload: {reason} ({', '.join(todo.source_names)})"
+            )
+            completed_at = utcnow()
+            for source in todo.sources:
+                warehouse.record_transform(
+                    transform_record(
+                        flow_run_id=current_flow_run_id(),
+                        source=source,
+                        runner=runner.kind,
+                        build=build,
+                        started_at=started_at,
+                        completed_at=completed_at,
+                        covers_loaded_at=todo.covers[source.name],
+                    )
+                )
+            builds.append(
+                {"sources": todo.source_names, "selection": build.selection, "status": build.status}
+            )
+            if build.status == "error":
+                raise DbtBuildError(build)
+    create_markdown_artifact(
+        key="transform-on-sync",
+        markdown="\n".join(
+            [f"## transform-on-sync ({reason})"]
+            + [
+                f"- `dbt build {b['selection']}` for {', '.join(b['sources'])}: {b['status']}"
+                for b in builds
+            ]
+            or ["- nothing pending"]
+        ),
+    )
+    return {"builds": builds}
+
+
+def retrying(settings: Settings) -> dict[str, Any]:
+    # dbt Cloud retries its own API calls without ever re-triggering a run; a task retry would.
+    return retry_options(settings) if settings.dbt_runner.value == "core" else {"retries": 0}
+
+
+def _unknown_connector(
+    connector_id: str, sync_id: str | None, pipeline: PipelineConfig
+) -> dict[str, Any]:
+    known = sorted(
+        {s.loader.connector_id for s in pipeline.sources if s.loader.type == "fivetran"}  # type: ignore[union-attr]
+    )
+    get_run_logger().warning(
+        "Fivetran connector %r is not in the pipeline config (known: %s): nothing to run",
+        connector_id,
+        ", ".join(known) or "none",
+    )
+    emit_event(
+        "postload.connector.unknown",
+        resource={"prefect.resource.id": f"fivetran.connector.{connector_id}"},
+        payload={"connector_id": connector_id, "sync_id": sync_id, "known": known},
+    )
+    create_markdown_artifact(
+        key="unknown-connector",
+        markdown=f"Fivetran connector `{connector_id}` (sync `{sync_id}`) is not mapped to any "
+        "source in postload.yaml, so nothing ran. Add a source with "
+        f"`loader: {{type: fivetran, connector_id: {connector_id}}}`.",
+    )
+    return {"builds": [], "unknown_connector": connector_id}
+
+
+if __name__ == "__main__":
+    transform_on_sync()

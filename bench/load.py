@@ -465,9 +465,9 @@ def profile(
             [[name, f"{s:.3f}", f"{100 * s / total:.0f}%"] for name, s in steps.items()],
         )
     print(
-        "(each step here reads a materialized temp table, so DuckDB may use all threads; the\n"
-        "shipped _LINES fuses split, trim and validation over one row per file, which runs as a\n"
-        "single pipeline: the fused timings below are the ones the loader pays)"
+        "(steps here read materialized temp tables, which DuckDB can spread over its threads; the\n"
+        "shipped _LINES fuses split, trim and validation over one row per file and gains little\n"
+        "from threads: its fused timing in the next table is what the loader pays)"
     )
 
     print("\n== alternatives for the two biggest steps (same files, summed) ==")

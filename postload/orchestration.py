@@ -69,7 +69,11 @@ def warehouse_writer(settings: Settings) -> Iterator[None]:
     ``strict=True`` because a missing limit would otherwise only log a warning and not throttle.
     """
     ensure_concurrency_limit(settings.warehouse_concurrency_limit)
-    with concurrency(settings.warehouse_concurrency_limit, occupy=1, strict=True):
+    # The lease is renewed while this process lives; a short one means a crashed holder blocks
+    # the next writer for about a minute, not Prefect's default five.
+    with concurrency(
+        settings.warehouse_concurrency_limit, occupy=1, strict=True, lease_duration=60
+    ):
         yield
 
 

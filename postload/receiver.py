@@ -1,0 +1,640 @@
+"""The Fivetran webhook receiver: verify, record durably, acknowledge, then forward to Prefect.
+
+Self-hosted Prefect has no webhooks, so this small service stands in for them::
+
+    Fivetran --POST /webhooks/fivetran--> receiver --(outbox)--> POST {PREFECT_API_URL}/events
+
+Why an outbox: Fivetran needs a fast 2xx (it retries failures for 24 h, then disables the
+webhook), while the Prefect API may be slow, restarting or down. So the request path only checks
+the signature and the shape, maps the body to a Prefect event (``postload.fivetran``) and commits
+it to a local SQLite file *before* answering 202. A background forwarder drains that file to
+``/events`` in batches and retries with exponential backoff; rows are marked forwarded only on a
+2xx, so a crash or an unreachable API delays events but never loses them. The event id is
+deterministic, so a redelivery is a duplicate row (ignored here) and a duplicate event (ignored by
+Prefect's event store and trigger service), never a second dbt run.
+
+One receiver process per outbox file: two forwarders on one file would only double-send (which
+Prefect deduplicates), but nothing here coordinates them.
+
+Nothing secret is ever logged or returned: not the webhook secret, the signature header, the
+expected digest, the Prefect API key or the request body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from postload.fivetran import (
+    SIGNATURE_HEADER,
+    TEST_EVENT,
+    FivetranWebhook,
+    signature_problem,
+    to_prefect_event,
+)
+
+__all__ = [
+    "FORWARD_BATCH_SIZE",
+    "MAX_BODY_BYTES",
+    "ForwardError",
+    "JsonLogFormatter",
+    "Outbox",
+    "OutboxCounts",
+    "Receiver",
+    "create_app",
+    "serve",
+]
+
+logger = logging.getLogger("postload.receiver")
+
+MAX_BODY_BYTES = 1 << 20
+FORWARD_BATCH_SIZE = 100
+BACKOFF_INITIAL_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 30.0
+# Forwarded rows are kept this long so that a redelivery still finds its row and counts as a
+# duplicate; it must exceed Fivetran's 24 h retry window.
+RETENTION = timedelta(days=7)
+PRUNE_EVERY_SECONDS = 3600.0
+# After an oversized body is refused, up to this much more is read and discarded so the client
+# can read the 413 (closing a socket with unread input sends a TCP reset, which can destroy the
+# response before the client reads it). Beyond it the connection is simply dropped.
+DRAIN_LIMIT_BYTES = 32 << 20
+# How many validation problems a 400 lists; the rest are counted, never echoed.
+MAX_LISTED_ERRORS = 10
+
+T = TypeVar("T")
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+# --- the outbox ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    pending: int
+    forwarded: int
+    rejected: int
+    oldest_pending_received_at: str | None
+
+
+class Outbox:
+    """A SQLite table of Prefect events keyed by event id: the receiver's durable queue.
+
+    WAL with ``synchronous=NORMAL``: a committed row survives a crash of this process (not
+    necessarily a power loss), and a commit costs no fsync, which keeps the ack path fast.
+    Not thread-safe: ``Receiver`` calls it from a single dedicated thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, so each statement is its own durable transaction
+        # and multi-statement ones are explicit.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("pragma journal_mode=wal")
+        self._db.execute("pragma synchronous=normal")
+        self._db.execute("pragma busy_timeout=5000")
+        self._db.executescript(
+            """
+            create table if not exists outbox (
+                id text primary key,            -- the Prefect event id (deterministic)
+                event text not null,            -- the Prefect event, JSON
+                received_at text not null,      -- UTC ISO-8601
+                forwarded_at text,              -- set on a 2xx from POST /events
+                attempts integer not null default 0,
+                last_error text,
+                rejected_at text                -- set when the API refused the event itself (4xx)
+            );
+            create index if not exists outbox_pending on outbox (received_at)
+                where forwarded_at is null and rejected_at is null;
+            """
+        )
+
+    def record(self, event_id: str, event_json: str) -> bool:
+        """Store an event; False if that id is already stored (a redelivery)."""
+        cur = self._db.execute(
+            "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",
+            (event_id, event_json, _utcnow()),
+        )
+        return cur.rowcount == 1
+
+    def pending(self, limit: int) -> list[tuple[str, str]]:
+        """The oldest events not yet forwarded (nor rejected): ``(id, event_json)``."""
+        return self._db.execute(
+            "select id, event from outbox where forwarded_at is null and rejected_at is null "
+            "order by received_at, id limit ?",
+            (limit,),
+        ).fetchall()
+
+    def _update_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._db.execute("begin")
+        try:
+            self._db.executemany(sql, rows)
+        except BaseException:
+            self._db.execute("rollback")
+            raise
+        self._db.execute("commit")
+
+    def mark_forwarded(self, ids: list[str]) -> None:
+        now = _utcnow()
+        self._update_many(
+            "update outbox set forwarded_at = ?, attempts = attempts + 1, last_error = null "
+            "where id = ?",
+            [(now, i) for i in ids],
+        )
+
+    def mark_failed(self, ids: list[str], error: str) -> None:
+        self._update_many(
+            "update outbox set attempts = attempts + 1, last_error = ? where id = ?",
+            [(error, i) for i in ids],
+        )
+
+    def mark_rejected(self, event_id: str, error: str) -> None:
+        self._update_many(
+            "update outbox set rejected_at = ?, attempts = attempts + 1, last_error = ? "
+            "where id = ?",
+            [(_utcnow(), error, event_id)],
+        )
+
+    def counts(self) -> OutboxCounts:
+        pending, forwarded, rejected, oldest = self._db.execute(
+            """
+            select count(*) filter (where forwarded_at is null and rejected_at is null),
+                   count(forwarded_at),
+                   count(rejected_at),
+                   min(received_at) filter (where forwarded_at is null and rejected_at is null)
+            from outbox
+            """
+        ).fetchone()
+        return OutboxCounts(pending, forwarded, rejected, oldest)
+
+    def prune(self, forwarded_before: datetime) -> int:
+        """Delete rows forwarded before ``forwarded_before``; pending and rejected rows stay."""
+        cur = self._db.execute(
+            "delete from outbox where forwarded_at is not null and forwarded_at < ?",
+            (forwarded_before.astimezone(UTC).isoformat(timespec="microseconds"),),
+        )
+        return cur.rowcount
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# --- the receiver ----------------------------------------------------------------------------
+
+
+class ForwardError(RuntimeError):
+    """Forwarding a batch failed in a way worth retrying (network, 5xx, auth); rows stay pending."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _auth_header(api_key: str | None, auth_string: str | None) -> dict[str, str]:
+    # Same precedence as Prefect's own client: a basic-auth string (self-hosted server with
+    # PREFECT_SERVER_API_AUTH_STRING) wins over an API key (Prefect Cloud).
+    if auth_string:
+        token = base64.b64encode(auth_string.encode("utf-8")).decode("ascii")
+        return {"Authorization": f"Basic {token}"}
+    if api_key:
+        return {"Authorization": f"Bearer {api_key}"}
+    return {}
+
+
+class Receiver:
+    """The webhook endpoint, the outbox and the forwarder; ``.app`` is the ASGI application.
+
+    The forwarder task runs while the app's lifespan is active. ``forward_pending_once()`` can
+    also be awaited directly (tests); call ``aclose()`` afterwards when the lifespan never ran.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        outbox_path: Path,
+        prefect_api_url: str,
+        prefect_api_key: str | None = None,
+        prefect_auth_string: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        batch_size: int = FORWARD_BATCH_SIZE,
+        backoff_initial: float = BACKOFF_INITIAL_SECONDS,
+        backoff_max: float = BACKOFF_MAX_SECONDS,
+        forward_timeout: float = 10.0,
+        retention: timedelta = RETENTION,
+    ) -> None:
+        if not secret:
+            raise ValueError("the Fivetran webhook secret is empty: refusing to accept unsigned")
+        if max_body_bytes <= 0 or batch_size <= 0:
+            raise ValueError("max_body_bytes and batch_size must be positive")
+        self._secret = secret
+        self.outbox_path = Path(outbox_path)
+        self.prefect_api_url = prefect_api_url.rstrip("/")
+        self.max_body_bytes = max_body_bytes
+        self.batch_size = batch_size
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.retention = retention
+        self.last_forward_error: str | None = None
+
+        self.outbox = Outbox(self.outbox_path)
+        # All SQLite work happens on this one thread: the connection is never shared across
+        # threads, and a slow commit (WAL checkpoint) never blocks the event loop.
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postload-outbox")
+        self._client = httpx.AsyncClient(
+            base_url=self.prefect_api_url,
+            headers={
+                "Content-Type": "application/json",
+                **_auth_header(prefect_api_key, prefect_auth_string),
+            },
+            timeout=forward_timeout,
+        )
+        self._wake = asyncio.Event()
+        self._forward_lock = asyncio.Lock()
+        self._forwarder: asyncio.Task[None] | None = None
+        self._next_prune = 0.0
+        self.app = Starlette(
+            routes=[
+                Route("/webhooks/fivetran", self._fivetran, methods=["POST"]),
+                Route("/healthz", self._healthz, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+        )
+        self.app.state.receiver = self
+
+    def __repr__(self) -> str:  # never the secret or the API key
+        return f"Receiver(outbox={self.outbox_path}, api={self.prefect_api_url})"
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args))
+
+    # -- lifecycle --
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self._forwarder = asyncio.create_task(self._forward_forever(), name="postload-forwarder")
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the forwarder, try one last bounded flush, release the client and the file."""
+        if self._forwarder is not None:
+            self._forwarder.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._forwarder
+            self._forwarder = None
+            # Best effort only: whatever is still pending is forwarded at the next start.
+            with suppress(Exception):
+                await asyncio.wait_for(self.forward_pending_once(), timeout=2.0)
+        await self._client.aclose()
+        await self._db(self.outbox.close)
+        self._db_thread.shutdown(wait=True)
+
+    # -- HTTP --
+
+    async def _fivetran(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        log: dict[str, Any] = {}
+        try:
+            status, body = await self._handle_fivetran(request, log)
+        except Exception:
+            # The event was not recorded: a 5xx makes Fivetran deliver it again later.
+            logger.exception("unexpected error handling a Fivetran webhook")
+            status, body = 500, {"error": "internal error: the event was not recorded; retry"}
+        _log_request(request, status, started, **log)
+        return JSONResponse(body, status_code=status)
+
+    async def _handle_fivetran(
+        self, request: Request, log: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        try:
+            raw_body = await self._read_body(request)
+        except _TooLarge:
+            log["error"] = "too_large"
+            return 413, {
+                "error": f"request body exceeds the {self.max_body_bytes}-byte limit",
+            }
+
+        # Authenticity before anything else looks at the content.
+        problem = signature_problem(raw_body, request.headers.get(SIGNATURE_HEADER), self._secret)
+        if problem is not None:
+            log["error"] = "signature"
+            return 401, {"error": problem}
+
+        try:
+            data = json.loads(raw_body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            # UnicodeDecodeError is a ValueError; NaN/Infinity are refused because they would
+            # make the stored event invalid JSON for the Prefect API.
+            log["error"] = "not_json"
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(data, dict):
+            log["error"] = "not_object"
+            return 400, {"error": "body is not a JSON object (expected a Fivetran webhook event)"}
+
+        # Fivetran's connectivity check (sent when a webhook is created or activated) has no
+        # sync_id and placeholder values: answer 2xx without validating or recording it.
+        if data.get("event") == TEST_EVENT:
+            log["event"] = TEST_EVENT
+            return 200, {"accepted": False, "reason": TEST_EVENT}
+
+        try:
+            hook = FivetranWebhook.model_validate(data)
+        except ValidationError as exc:
+            invalid = _describe_invalid(exc)
+            # Field names only (they are ours), never the values.
+            log["error"] = "invalid: " + ", ".join(p["field"] for p in invalid["invalid"])
+            return 400, invalid
+        log["connector_id"] = hook.connector_id
+
+        event = to_prefect_event(hook)
+        assert event is not None  # only test_event maps to None, handled above
+        event_id = event["id"]
+        log["event_id"] = event_id
+        # Committed before the 202: once Fivetran hears "accepted", the event is on disk.
+        inserted = await self._db(
+            self.outbox.record, event_id, json.dumps(event, separators=(",", ":"))
+        )
+        if inserted:
+            self._wake.set()
+        log["duplicate"] = not inserted
+        return 202, {"accepted": True, "event_id": event_id, "duplicate": not inserted}
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, at most ``max_body_bytes``; the declared length and the bytes actually
+        received are both checked (a client may lie about, or omit, Content-Length)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._drain(request, already=0)
+            raise _TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._drain(request, already=size)
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _drain(request: Request, *, already: int) -> None:
+        # With "Expect: 100-continue" the client waits for us and never sends the body.
+        if request.headers.get("expect", "").lower() == "100-continue" and already == 0:
+            return
+        seen = already
+        with suppress(Exception):
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > DRAIN_LIMIT_BYTES:
+                    return
+
+    async def _healthz(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        counts = await self._db(self.outbox.counts)
+        age = None
+        if counts.oldest_pending_received_at is not None:
+            oldest = datetime.fromisoformat(counts.oldest_pending_received_at)
+            age = round((datetime.now(UTC) - oldest).total_seconds(), 3)
+        body = {
+            "status": "ok",
+            "pending": counts.pending,
+            "forwarded": counts.forwarded,
+            "rejected": counts.rejected,
+            "oldest_pending_age_seconds": age,
+            "last_forward_error": self.last_forward_error,
+        }
+        _log_request(request, 200, started)
+        return JSONResponse(body)
+
+    # -- forwarding --
+
+    async def forward_pending_once(self) -> int:
+        """Forward up to one batch of pending events to ``POST {api}/events``.
+
+        Returns how many rows left the pending state (forwarded, or rejected by the API as
+        invalid). Raises ``ForwardError`` when the API could not take them (unreachable, 5xx,
+        auth); those rows stay pending, with ``attempts`` and ``last_error`` updated.
+        """
+        async with self._forward_lock:
+            rows = await self._db(self.outbox.pending, self.batch_size)
+            if not rows:
+                return 0
+            handled = await self._forward(rows)
+            self.last_forward_error = None
+            return handled
+
+    async def _forward(self, rows: list[tuple[str, str]]) -> int:
+        ids = [event_id for event_id, _ in rows]
+        # The stored JSON is sent as is: no decode/encode round trip per event.
+        content = "[" + ",".join(event_json for _, event_json in rows) + "]"
+        try:
+            response = await self._client.post("/events", content=content.encode("utf-8"))
+        except httpx.HTTPError as exc:
+            raise await self._forward_failed(ids, f"{type(exc).__name__}: {exc}") from None
+        if response.is_success:
+            await self._db(self.outbox.mark_forwarded, ids)
+            return len(ids)
+        if response.status_code in (400, 422):
+            # The API refused the content. Isolate the culprit(s) so one bad event cannot block
+            # the queue forever; a refused event is kept (rejected_at), never deleted.
+            if len(rows) > 1:
+                handled = 0
+                for row in rows:
+                    handled += await self._forward([row])
+                return handled
+            error = f"HTTP {response.status_code}: {_snippet(response.text)}"
+            await self._db(self.outbox.mark_rejected, ids[0], error)
+            _log(
+                logging.ERROR,
+                "prefect refused the event; kept as rejected",
+                event_id=ids[0],
+                error=error,
+            )
+            return 1
+        error = f"HTTP {response.status_code}: {_snippet(response.text)}"
+        raise await self._forward_failed(ids, error)
+
+    async def _forward_failed(self, ids: list[str], error: str) -> ForwardError:
+        """Record a failed attempt on the rows; returns the error for the caller to raise."""
+        error = f"POST {self.prefect_api_url}/events failed: {error}"
+        self.last_forward_error = error
+        await self._db(self.outbox.mark_failed, ids, error)
+        return ForwardError(error)
+
+    async def _forward_forever(self) -> None:
+        delay = self.backoff_initial
+        while True:
+            # Cleared before reading the outbox: a row recorded after the read sets it again,
+            # so the wait below cannot miss it.
+            self._wake.clear()
+            try:
+                handled = await self.forward_pending_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, ForwardError):
+                    # A bug or a broken outbox file: keep the task alive and keep retrying.
+                    logger.exception("unexpected forwarder error")
+                    self.last_forward_error = f"{type(exc).__name__}: {exc}"
+                _log(
+                    logging.WARNING,
+                    "forward failed",
+                    retry_in_s=delay,
+                    error=self.last_forward_error,
+                )
+                # New events do not cut the backoff short: hammering a down API helps nobody.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            delay = self.backoff_initial
+            await self._maybe_prune()
+            if handled >= self.batch_size:
+                continue  # a full batch: more may be waiting
+            await self._wake.wait()
+
+    async def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY_SECONDS
+        with suppress(sqlite3.Error):
+            await self._db(self.outbox.prune, datetime.now(UTC) - self.retention)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _snippet(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _describe_invalid(exc: ValidationError) -> dict[str, Any]:
+    """A 400 body naming each invalid field and its expected form, without echoing the input."""
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False, include_context=False):
+        field = ".".join(str(part) for part in err["loc"]) or "(body)"
+        problems.append({"field": field, "expected": err["msg"]})
+    listed = problems[:MAX_LISTED_ERRORS]
+    fields = ", ".join(p["field"] for p in listed)
+    more = len(problems) - len(listed)
+    return {
+        "error": f"invalid Fivetran webhook body: {fields}" + (f" and {more} more" if more else ""),
+        "invalid": listed,
+    }
+
+
+def _log(level: int, msg: str, **fields: Any) -> None:
+    logger.log(level, msg, extra={"fields": fields})
+
+
+def _log_request(request: Request, status: int, started: float, **fields: Any) -> None:
+    """One line per request. Never the body, the signature header or any secret."""
+    _log(
+        logging.INFO,
+        "request",
+        method=request.method,
+        path=request.url.path,
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        connector_id=fields.pop("connector_id", None),
+        event_id=fields.pop("event_id", None),
+        **fields,
+    )
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, the record's ``fields`` and, for
+    ``logger.exception``, the traceback as one string field (so a line is still one record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def create_app(
+    *,
+    secret: str,
+    outbox_path: Path,
+    prefect_api_url: str,
+    prefect_api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    **options: Any,
+) -> Starlette:
+    """The ASGI app; ``app.state.receiver`` is the ``Receiver`` (options: see its signature)."""
+    return Receiver(
+        secret=secret,
+        outbox_path=outbox_path,
+        prefect_api_url=prefect_api_url,
+        prefect_api_key=prefect_api_key,
+        max_body_bytes=max_body_bytes,
+        **options,
+    ).app
+
+
+def _configure_logging(level: int = logging.INFO) -> None:
+    """JSON lines on stderr for the receiver's logger (idempotent)."""
+    if any(isinstance(h.formatter, JsonLogFormatter) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def serve(host: str = "127.0.0.1", port: int = 8787, **options: Any) -> None:
+    """Run the receiver with uvicorn until SIGINT/SIGTERM (options: ``create_app``'s)."""
+    import uvicorn
+
+    _configure_logging()
+    app = create_app(**options)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        # Our own request line replaces uvicorn's access log (it has the event id and no query).
+        access_log=False,
+        log_level="info",
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )

@@ -314,9 +314,7 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="CI smoke: 8 MiB, 1 repeat, profile on"
-    )
+    parser.add_argument("--quick", action="store_true", help="CI smoke: 8 MiB, 1 repeat")
     parser.add_argument("--mb", type=float, default=None, help="MiB of JSON lines (default 100)")
     parser.add_argument("--files", type=int, default=4, help="number of stage files (default 4)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per method (default 3)")

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
+import gc
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -68,6 +67,9 @@ logger = logging.getLogger("postload.receiver")
 
 MAX_BODY_BYTES = 1 << 20
 FORWARD_BATCH_SIZE = 100
+# A batch is also cut at about this many bytes of JSON (always holding at least one event): bodies
+# may be up to 1 MiB each, and 100 of them would make one unreasonably large POST.
+FORWARD_BATCH_BYTES = 4 << 20
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 # Forwarded rows are kept this long so that a redelivery still finds its row and counts as a
@@ -80,8 +82,6 @@ PRUNE_EVERY_SECONDS = 3600.0
 DRAIN_LIMIT_BYTES = 32 << 20
 # How many validation problems a 400 lists; the rest are counted, never echoed.
 MAX_LISTED_ERRORS = 10
-
-T = TypeVar("T")
 
 
 def _utcnow() -> str:
@@ -104,7 +104,7 @@ class Outbox:
 
     WAL with ``synchronous=NORMAL``: a committed row survives a crash of this process (not
     necessarily a power loss), and a commit costs no fsync, which keeps the ack path fast.
-    Not thread-safe: ``Receiver`` calls it from a single dedicated thread.
+    Not thread-safe: ``Receiver`` uses it from its event loop only.
     """
 
     def __init__(self, path: Path) -> None:
@@ -114,7 +114,9 @@ class Outbox:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("pragma journal_mode=wal")
         self._db.execute("pragma synchronous=normal")
-        self._db.execute("pragma busy_timeout=5000")
+        # Only this process writes; a lock held elsewhere (an operator's shell) must not stall the
+        # event loop for long: fail the request (Fivetran retries) rather than hang it.
+        self._db.execute("pragma busy_timeout=1000")
         self._db.executescript(
             """
             create table if not exists outbox (
@@ -133,11 +135,29 @@ class Outbox:
 
     def record(self, event_id: str, event_json: str) -> bool:
         """Store an event; False if that id is already stored (a redelivery)."""
-        cur = self._db.execute(
-            "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",
-            (event_id, event_json, _utcnow()),
-        )
-        return cur.rowcount == 1
+        return self.record_many([(event_id, event_json)])[0]
+
+    def record_many(self, events: list[tuple[str, str]]) -> list[bool]:
+        """Store ``(id, event_json)`` pairs in one transaction; per pair, False if a duplicate.
+
+        One commit for many rows is the group commit that keeps the ack path fast under load: a
+        commit costs far more than an insert.
+        """
+        now = _utcnow()
+        inserted = []
+        self._db.execute("begin immediate")
+        try:
+            for event_id, event_json in events:
+                cur = self._db.execute(
+                    "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",
+                    (event_id, event_json, now),
+                )
+                inserted.append(cur.rowcount == 1)
+        except BaseException:
+            self._db.execute("rollback")
+            raise
+        self._db.execute("commit")
+        return inserted
 
     def pending(self, limit: int) -> list[tuple[str, str]]:
         """The oldest events not yet forwarded (nor rejected): ``(id, event_json)``."""
@@ -252,6 +272,8 @@ class Receiver:
         self._secret = secret
         self.outbox_path = Path(outbox_path)
         self.prefect_api_url = prefect_api_url.rstrip("/")
+        # For logs and errors: the URL without any user:password it may carry.
+        self._api_display = str(httpx.URL(self.prefect_api_url).copy_with(userinfo=b""))
         self.max_body_bytes = max_body_bytes
         self.batch_size = batch_size
         self.backoff_initial = backoff_initial
@@ -259,10 +281,11 @@ class Receiver:
         self.retention = retention
         self.last_forward_error: str | None = None
 
+        # The outbox is used from the event loop directly. A WAL commit without fsync costs tens
+        # of microseconds, less than a round trip to a worker thread (measured: ~100 us of CPU
+        # and GIL hand-offs per request); the occasional checkpoint fsync stalls the loop for a
+        # few milliseconds, which the requests would have waited for anyway.
         self.outbox = Outbox(self.outbox_path)
-        # All SQLite work happens on this one thread: the connection is never shared across
-        # threads, and a slow commit (WAL checkpoint) never blocks the event loop.
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postload-outbox")
         self._client = httpx.AsyncClient(
             base_url=self.prefect_api_url,
             headers={
@@ -274,6 +297,9 @@ class Receiver:
         self._wake = asyncio.Event()
         self._forward_lock = asyncio.Lock()
         self._forwarder: asyncio.Task[None] | None = None
+        # Group commit: requests queue their row here, and one callback commits everything
+        # queued during the current loop iteration in one transaction.
+        self._to_record: list[tuple[str, str, asyncio.Future[bool]]] = []
         self._next_prune = 0.0
         self.app = Starlette(
             routes=[
@@ -285,11 +311,7 @@ class Receiver:
         self.app.state.receiver = self
 
     def __repr__(self) -> str:  # never the secret or the API key
-        return f"Receiver(outbox={self.outbox_path}, api={self.prefect_api_url})"
-
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args))
+        return f"Receiver(outbox={self.outbox_path}, api={self._api_display})"
 
     # -- lifecycle --
 
@@ -312,8 +334,7 @@ class Receiver:
             with suppress(Exception):
                 await asyncio.wait_for(self.forward_pending_once(), timeout=2.0)
         await self._client.aclose()
-        await self._db(self.outbox.close)
-        self._db_thread.shutdown(wait=True)
+        self.outbox.close()
 
     # -- HTTP --
 
@@ -377,11 +398,7 @@ class Receiver:
         event_id = event["id"]
         log["event_id"] = event_id
         # Committed before the 202: once Fivetran hears "accepted", the event is on disk.
-        inserted = await self._db(
-            self.outbox.record, event_id, json.dumps(event, separators=(",", ":"))
-        )
-        if inserted:
-            self._wake.set()
+        inserted = await self._record(event_id, json.dumps(event, separators=(",", ":")))
         log["duplicate"] = not inserted
         return 202, {"accepted": True, "event_id": event_id, "duplicate": not inserted}
 
@@ -389,7 +406,12 @@ class Receiver:
         """The body, at most ``max_body_bytes``; the declared length and the bytes actually
         received are both checked (a client may lie about, or omit, Content-Length)."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if (
+            declared
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > self.max_body_bytes
+        ):
             await self._drain(request, already=0)
             raise _TooLarge
         chunks: list[bytes] = []
@@ -416,7 +438,7 @@ class Receiver:
 
     async def _healthz(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
-        counts = await self._db(self.outbox.counts)
+        counts = self.outbox.counts()
         age = None
         if counts.oldest_pending_received_at is not None:
             oldest = datetime.fromisoformat(counts.oldest_pending_received_at)
@@ -432,17 +454,46 @@ class Receiver:
         _log_request(request, 200, started)
         return JSONResponse(body)
 
+    async def _record(self, event_id: str, event_json: str) -> bool:
+        """Commit the event to the outbox; False if it was already there (a redelivery).
+
+        Returns only once the row is committed. Requests handled in the same loop iteration
+        share one transaction: under load a commit, not an insert, is what costs.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._to_record.append((event_id, event_json, done))
+        if len(self._to_record) == 1:  # the first of a batch schedules its commit
+            loop.call_soon(self._commit_queued)
+        return await done
+
+    def _commit_queued(self) -> None:
+        batch, self._to_record = self._to_record, []
+        try:
+            results = self.outbox.record_many([(event_id, data) for event_id, data, _ in batch])
+        except Exception as exc:
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, _, done), inserted in zip(batch, results, strict=True):
+            if not done.done():  # the client may have gone away; the row is stored anyway
+                done.set_result(inserted)
+        if any(results):
+            self._wake.set()
+
     # -- forwarding --
 
     async def forward_pending_once(self) -> int:
         """Forward up to one batch of pending events to ``POST {api}/events``.
 
         Returns how many rows left the pending state (forwarded, or rejected by the API as
-        invalid). Raises ``ForwardError`` when the API could not take them (unreachable, 5xx,
-        auth); those rows stay pending, with ``attempts`` and ``last_error`` updated.
+        invalid); 0 when nothing was pending. Raises ``ForwardError`` when the API could not take
+        them (unreachable, 5xx, auth); those rows stay pending, with ``attempts`` and
+        ``last_error`` updated.
         """
         async with self._forward_lock:
-            rows = await self._db(self.outbox.pending, self.batch_size)
+            rows = _cut_at_bytes(self.outbox.pending(self.batch_size), FORWARD_BATCH_BYTES)
             if not rows:
                 return 0
             handled = await self._forward(rows)
@@ -456,9 +507,9 @@ class Receiver:
         try:
             response = await self._client.post("/events", content=content.encode("utf-8"))
         except httpx.HTTPError as exc:
-            raise await self._forward_failed(ids, f"{type(exc).__name__}: {exc}") from None
+            raise self._forward_failed(ids, f"{type(exc).__name__}: {exc}") from None
         if response.is_success:
-            await self._db(self.outbox.mark_forwarded, ids)
+            self.outbox.mark_forwarded(ids)
             return len(ids)
         if response.status_code in (400, 422):
             # The API refused the content. Isolate the culprit(s) so one bad event cannot block
@@ -469,7 +520,7 @@ class Receiver:
                     handled += await self._forward([row])
                 return handled
             error = f"HTTP {response.status_code}: {_snippet(response.text)}"
-            await self._db(self.outbox.mark_rejected, ids[0], error)
+            self.outbox.mark_rejected(ids[0], error)
             _log(
                 logging.ERROR,
                 "prefect refused the event; kept as rejected",
@@ -478,13 +529,13 @@ class Receiver:
             )
             return 1
         error = f"HTTP {response.status_code}: {_snippet(response.text)}"
-        raise await self._forward_failed(ids, error)
+        raise self._forward_failed(ids, error)
 
-    async def _forward_failed(self, ids: list[str], error: str) -> ForwardError:
+    def _forward_failed(self, ids: list[str], error: str) -> ForwardError:
         """Record a failed attempt on the rows; returns the error for the caller to raise."""
-        error = f"POST {self.prefect_api_url}/events failed: {error}"
+        error = f"POST {self._api_display}/events failed: {error}"
         self.last_forward_error = error
-        await self._db(self.outbox.mark_failed, ids, error)
+        self.outbox.mark_failed(ids, error)
         return ForwardError(error)
 
     async def _forward_forever(self) -> None:
@@ -513,18 +564,28 @@ class Receiver:
                 delay = min(delay * 2, self.backoff_max)
                 continue
             delay = self.backoff_initial
-            await self._maybe_prune()
-            if handled >= self.batch_size:
-                continue  # a full batch: more may be waiting
+            self._maybe_prune()
+            if handled:
+                continue  # more may be waiting: go again until a pass finds nothing
             await self._wake.wait()
 
-    async def _maybe_prune(self) -> None:
+    def _maybe_prune(self) -> None:
         now = time.monotonic()
         if now < self._next_prune:
             return
         self._next_prune = now + PRUNE_EVERY_SECONDS
         with suppress(sqlite3.Error):
-            await self._db(self.outbox.prune, datetime.now(UTC) - self.retention)
+            self.outbox.prune(datetime.now(UTC) - self.retention)
+
+
+def _cut_at_bytes(rows: list[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
+    """The leading rows whose JSON fits in ``limit`` bytes (always at least the first)."""
+    total = 0
+    for i, (_, event_json) in enumerate(rows):
+        total += len(event_json)
+        if total > limit and i > 0:
+            return rows[:i]
+    return rows
 
 
 def _reject_constant(name: str) -> Any:
@@ -561,7 +622,7 @@ def _log_request(request: Request, status: int, started: float, **fields: Any) -
         logging.INFO,
         "request",
         method=request.method,
-        path=request.url.path,
+        path=request.scope["path"],  # not request.url: building a URL costs ~20 us
         status=status,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         connector_id=fields.pop("connector_id", None),
@@ -626,9 +687,8 @@ def serve(host: str = "127.0.0.1", port: int = 8787, **options: Any) -> None:
     import uvicorn
 
     _configure_logging()
-    app = create_app(**options)
-    uvicorn.run(
-        app,
+    config = uvicorn.Config(
+        create_app(**options),
         host=host,
         port=port,
         lifespan="on",
@@ -638,3 +698,10 @@ def serve(host: str = "127.0.0.1", port: int = 8787, **options: Any) -> None:
         server_header=False,
         timeout_graceful_shutdown=10,
     )
+    config.load()  # imports uvicorn's protocol modules now, so the freeze below covers them
+    # Everything allocated so far (modules, the app) lives as long as the process: moving it out
+    # of the collector's reach makes full collections cheap. Measured on the ack path: p99
+    # 55 ms -> 36 ms at 32 concurrent requests (bench/receiver.py), the same CPU per request.
+    gc.collect()
+    gc.freeze()
+    uvicorn.Server(config).run()

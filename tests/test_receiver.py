@@ -513,3 +513,12 @@ def test_event_refused_by_prefect_is_kept_aside(prefect_server: str, tmp_path: P
     assert rows["poison"]["last_error"].startswith("HTTP 422")
     assert rows[good["id"]]["forwarded_at"] is not None
     wait_for_events(prefect_server, "fivetran.sync.succeeded", connector)
+
+
+def test_forward_batches_are_cut_by_size() -> None:
+    from postload.receiver import _cut_at_bytes
+
+    rows = [(str(i), "x" * 400) for i in range(5)]
+    assert [r[0] for r in _cut_at_bytes(rows, 1000)] == ["0", "1"]
+    assert [r[0] for r in _cut_at_bytes(rows, 10)] == ["0"]  # one oversized event still goes
+    assert _cut_at_bytes(rows, 10_000) == rows

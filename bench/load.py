@@ -12,9 +12,8 @@ Both timings include opening and closing the DuckDB file (the loader does both i
 Reported: median seconds, MiB/s, rows, ratio loader/bare (goal <= 1.2), for clean files and for
 files with 1% malformed lines (the bare insert then needs ``ignore_errors=true``, which turns a bad
 line into a NULL object, so it also filters ``where json is not null``). When a ratio misses the
-goal (or with ``--profile``), the loader's steps are timed one by one on the same files and a
-candidate fix is measured against the same baseline. postload code is never modified: the
-candidate is applied by swapping the module's SQL constant inside this process only.
+goal (or with ``--profile``), the loader's steps are timed one by one on the same files, with
+alternatives for the biggest ones. postload code is never modified.
 
     .venv/bin/python bench/load.py [--quick] [--mb 100] [--files 4] [--repeats 3]
 """
@@ -78,27 +77,6 @@ select line_no, line, json_valid(line) and left(line, 1) = '{' as ok
 from _bench_trim
 where line <> ''
 """
-
-# Candidate fix: DuckDB's trim() walks every code point of every line (~all of the file's bytes)
-# even when there is nothing to strip. Calling it only when a line starts or ends with one of the
-# stripped characters (O(1) byte checks) gives exactly the same table.
-_WS = "chr(13) || ' ' || chr(9)"
-_NEEDS_TRIM = " or ".join(
-    f"{fn}(raw, {ch})" for fn in ("starts_with", "ends_with") for ch in ("chr(13)", "' '", "chr(9)")
-)
-FAST_LINES = f"""
-create or replace temp table _postload_lines as
-select line_no, line, json_valid(line) and left(line, 1) = '{{' as ok
-from (
-    select line_no, case when {_NEEDS_TRIM} then trim(raw, {_WS}) else raw end as line
-    from (
-        select generate_subscripts(parts, 1) as line_no, unnest(parts) as raw
-        from (select string_split(content, chr(10)) as parts from read_text(?))
-    )
-)
-where line <> ''
-"""
-_EDGE_LINES = ["", "\r", " \t ", ' {"a": 1}\r', '\t{"a": 2} ', '{"a": 3}', "oops", " [1] ", "{}\r"]
 
 
 @dataclass
@@ -177,39 +155,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-@contextmanager
-def patched_lines(sql: str) -> Iterator[None]:
-    """Swap the loader's line-splitting SQL in this process only (postload code stays as is)."""
-    original = duckdb_module._LINES
-    duckdb_module._LINES = sql
-    try:
-        yield
-    finally:
-        duckdb_module._LINES = original
-
-
-def lines_digest(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> tuple:
-    con.execute(sql, [str(path)])
-    return con.execute(
-        "select count(*), count(*) filter (where ok), sum(hash(line_no, line, ok)) "
-        "from _postload_lines"
-    ).fetchone()
-
-
-def check_fast_lines_equivalent(work: Path, files: list[Path]) -> None:
-    edge = work / "edge.jsonl"
-    edge.write_text("\n".join(_EDGE_LINES) + "\n", encoding="utf-8")
-    with duckdb.connect() as con:
-        for path in [edge, files[0]]:
-            shipped = lines_digest(con, duckdb_module._LINES, path)
-            candidate = lines_digest(con, FAST_LINES, path)
-            if shipped != candidate:
-                raise RuntimeError(
-                    f"candidate _LINES differs on {path.name}: {shipped} != {candidate}"
-                )
-    edge.unlink()
-
-
 def profile_steps(pipeline: PipelineConfig, stage_root: Path, db: Path) -> dict[str, float]:
     """The loader's per-file steps timed one by one (same SQL, same order, fresh DuckDB file)."""
     warehouse = DuckDBWarehouse(fresh(db), stage_root, pipeline)
@@ -264,7 +209,6 @@ def what_if(files: list[Path], db: Path, rounds: int) -> dict[str, float]:
     """Alternatives for the two biggest steps on the same files (median of per-round sums)."""
     lines = {
         "_LINES as shipped (fused query)": duckdb_module._LINES,
-        "_LINES with trim only when needed": FAST_LINES,
     }
     inserts = {
         "insert line::json … order by line_no": "order by line_no",
@@ -469,42 +413,8 @@ def profile(
     )
 
     print("\n== alternatives for the two biggest steps (same files, summed) ==")
-    check_fast_lines_equivalent(work, staged["clean"])
     alt = what_if(staged["clean"], work / "whatif.duckdb", max(repeats, 2))
     print_table(["query", "s"], [[k, f"{v:.3f}"] for k, v in alt.items()])
-    print("(trim only when needed yields the same table: checked on the files and edge cases)")
-
-    print("\n== candidate fix measured end to end: _LINES with trim only when needed ==")
-    rows = []
-    for label, every in variants.items():
-        malformed = every > 0
-        with patched_lines(FAST_LINES):
-            timing = side_by_side(
-                {
-                    "loader+fix": lambda label=label: run_loader(
-                        pipeline, stages[label], work / "loader.duckdb"
-                    ),
-                    "bare": lambda label=label, m=malformed: run_bare(
-                        staged[label], work / "bare.duckdb", malformed=m
-                    ),
-                },
-                repeats,
-            )
-        fixed, bare = median(timing["loader+fix"].seconds), median(timing["bare"].seconds)
-        shipped = median(results[label]["loader"].seconds) / median(results[label]["bare"].seconds)
-        rows.append(
-            [
-                label,
-                f"{fixed:.2f}",
-                f"{bare:.2f}",
-                f"{fixed / bare:.2f}",
-                f"{shipped:.2f}",
-                "ok" if fixed / bare <= GOAL else "MISSED",
-            ]
-        )
-    print_table(
-        ["variant", "loader+fix s", "bare s", "ratio", "shipped ratio", f"goal <= {GOAL}"], rows
-    )
 
 
 if __name__ == "__main__":

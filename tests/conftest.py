@@ -7,7 +7,9 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -42,11 +44,9 @@ class PostloadHome:
         return self.root / ".postload" / "warehouse.duckdb"
 
 
-@pytest.fixture
-def postload_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHome:
-    """Settings point at a temp copy of the pipeline config and dbt project (dbt writes target/)."""
-    root = tmp_path / "checkout"
-    root.mkdir()
+def make_home(root: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHome:
+    """Settings point at a copy of the pipeline config and dbt project under root."""
+    root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "postload.yaml", root / "postload.yaml")
     shutil.copytree(
         REPO / "dbt_project",
@@ -56,9 +56,25 @@ def postload_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHo
     env = {
         "POSTLOAD_PROJECT_DIR": str(root),
         "POSTLOAD_RETRY_BACKOFF_SECONDS": "0",
-        # Unique per test so runs of different tests never share a concurrency slot by accident.
-        "POSTLOAD_WAREHOUSE_CONCURRENCY_LIMIT": f"postload-warehouse-{tmp_path.name}",
+        # Unique per home so runs of different tests never share a concurrency slot by accident.
+        "POSTLOAD_WAREHOUSE_CONCURRENCY_LIMIT": f"postload-warehouse-{root.parent.name}",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return PostloadHome(root=root, env=env)
+
+
+def sql(home: PostloadHome, query: str, params: list[Any] | None = None) -> list[tuple]:
+    """Query the home's warehouse. Read-write like dbt-duckdb: DuckDB refuses a second handle on
+    the same file in one process with a different configuration."""
+    con = duckdb.connect(str(home.duckdb))
+    try:
+        return con.execute(query, params or []).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def postload_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHome:
+    """An isolated home for one test (dbt writes its own target/)."""
+    return make_home(tmp_path / "checkout", monkeypatch)

@@ -186,19 +186,7 @@ class CoreDbtRunner:
 
     def model_names(self, selection: Selection) -> list[str]:
         """Names of the models, seeds and snapshots a selection picks (its tests follow them)."""
-        res = self.invoke_metadata(
-            [
-                "ls",
-                *selection.cli_args(),
-                "--resource-types",
-                *("model", "seed", "snapshot"),
-                "--output",
-                "json",
-                "--output-keys",
-                "name",
-            ]
-        )
-        return [json.loads(line)["name"] for line in (res.result or [])]
+        return self._ls(selection, ("model", "seed", "snapshot"), "name")
 
     def _manifest(self) -> dict[str, Any]:
         path = self.target_path / "manifest.json"
@@ -208,19 +196,22 @@ class CoreDbtRunner:
 
     def list_nodes(self, selection: Selection) -> list[str]:
         """Unique ids of the nodes a build of this selection would run (no building)."""
+        return self._ls(selection, ("model", "seed", "snapshot", "test"), "unique_id")
+
+    def _ls(self, selection: Selection, resource_types: tuple[str, ...], key: str) -> list[str]:
         res = self.invoke_metadata(
             [
                 "ls",
                 *selection.cli_args(),
                 "--resource-types",
-                *("model", "seed", "snapshot", "test"),
+                *resource_types,
                 "--output",
                 "json",
                 "--output-keys",
-                "unique_id",
+                key,
             ]
         )
-        return [json.loads(line)["unique_id"] for line in (res.result or [])]
+        return [json.loads(line)[key] for line in (res.result or [])]
 
 
 def _invocation_id() -> str | None:

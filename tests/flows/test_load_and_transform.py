@@ -7,10 +7,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -19,19 +17,9 @@ from flows.load_and_transform import load_and_transform
 from postload.config import UnknownSourceError
 from postload.demo_data import write_demo_batch
 from postload.pipeline import LoadVerificationError
-from tests.conftest import REPO, PostloadHome
+from tests.conftest import REPO, PostloadHome, make_home, sql
 
 EVENTS_MODELS = {"stg_events", "fct_daily_events"}
-
-
-def sql(home: PostloadHome, query: str, params: list[Any] | None = None) -> list[tuple]:
-    # read-write like dbt-duckdb, which keeps its in-process handle open: DuckDB refuses a
-    # second handle on the same file with a different configuration.
-    con = duckdb.connect(str(home.duckdb))
-    try:
-        return con.execute(query, params or []).fetchall()
-    finally:
-        con.close()
 
 
 def built_models(home: PostloadHome, flow_run_id: str) -> set[str]:
@@ -69,7 +57,7 @@ def scenario(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
     """customers, orders, events land and load; then a second events batch; then a re-run."""
     root = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
-        home = _home(root, mp)
+        home = make_home(root / "checkout", mp)
         for source in ("customers", "orders", "events"):
             write_demo_batch(home.stage, source, 1)
         runs = [run_flow(s) for s in ("customers", "orders", "events")]
@@ -77,23 +65,6 @@ def scenario(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
         runs.append(run_flow("events"))  # [3] selective: events only
         runs.append(run_flow("events"))  # [4] nothing new
         yield Scenario(home, runs)
-
-
-def _home(root: Path, mp: pytest.MonkeyPatch) -> PostloadHome:
-    import shutil
-
-    shutil.copy(REPO / "postload.yaml", root / "postload.yaml")
-    shutil.copytree(
-        REPO / "dbt_project", root / "dbt_project", ignore=shutil.ignore_patterns("target", "logs")
-    )
-    env = {
-        "POSTLOAD_PROJECT_DIR": str(root),
-        "POSTLOAD_RETRY_BACKOFF_SECONDS": "0",
-        "POSTLOAD_WAREHOUSE_CONCURRENCY_LIMIT": f"postload-warehouse-{root.name}",
-    }
-    for key, value in env.items():
-        mp.setenv(key, value)
-    return PostloadHome(root, env)
 
 
 def test_each_load_builds_its_downstream_models(scenario: Scenario) -> None:

@@ -6,7 +6,6 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import duckdb
 import httpx
 import pytest
 import yaml
@@ -18,15 +17,7 @@ from flows.transform_on_sync import transform_on_sync
 from postload.config import Settings
 from postload.demo_data import write_demo_batch
 from postload.warehouse._duckdb import DuckDBWarehouse
-from tests.conftest import REPO, PostloadHome
-
-
-def sql(home: PostloadHome, query: str, params: list[Any] | None = None) -> list[tuple]:
-    con = duckdb.connect(str(home.duckdb))
-    try:
-        return con.execute(query, params or []).fetchall()
-    finally:
-        con.close()
+from tests.conftest import REPO, PostloadHome, sql
 
 
 def land_and_load(home: PostloadHome, source: str, batch: int) -> None:

@@ -11,9 +11,12 @@ snowflake          ``postload-snowflake-credentials``:              ``POSTLOAD_W
                    ``settings.snowflake_block``: snowflake-connector
 dbt-cloud          ``settings.dbt_cloud_credentials_block``:        ``POSTLOAD_DBT_RUNNER=cloud``
                    dbt-cloud-credentials
-slack              ``postload-slack``: slack-webhook (core Prefect  failure notifications
-                   block, so a plain self-hosted server can send)
-fivetran-webhook   ``postload-fivetran-webhook-secret``: secret     the Fivetran webhook receiver
+slack              ``postload-slack``: custom-webhook (core Prefect failure notifications
+                   block posting Slack's webhook JSON, so a plain  (``postload automations
+                   self-hosted server can send)                    apply``)
+pagerduty          ``postload-pagerduty``: pager-duty-webhook       optional second alert action
+fivetran-webhook   ``settings.fivetran_webhook_secret_block``:      the Fivetran webhook receiver
+                   secret                                           (``postload receiver``)
 =================  ===============================================  ================================
 
 Every value comes from the environment (or a ``.env`` file); nothing is ever a literal here.
@@ -37,7 +40,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from prefect.blocks.core import Block
-from prefect.blocks.notifications import SlackWebhook
+from prefect.blocks.notifications import CustomWebhookNotificationBlock, PagerDutyWebHook
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
@@ -46,7 +49,7 @@ from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
 from pydantic import SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from postload.config import Settings
+from postload.config import DEFAULT_FIVETRAN_WEBHOOK_SECRET_BLOCK, Settings
 
 __all__ = [
     "DBT_CLOUD_GROUP",
@@ -68,11 +71,14 @@ logger = logging.getLogger(__name__)
 
 SNOWFLAKE_CREDENTIALS_BLOCK = "postload-snowflake-credentials"
 SLACK_BLOCK = "postload-slack"
-FIVETRAN_WEBHOOK_SECRET_BLOCK = "postload-fivetran-webhook-secret"
+PAGERDUTY_BLOCK = "postload-pagerduty"
+# The default name; ``settings.fivetran_webhook_secret_block`` is the one registered and read.
+FIVETRAN_WEBHOOK_SECRET_BLOCK = DEFAULT_FIVETRAN_WEBHOOK_SECRET_BLOCK
 
 SNOWFLAKE_GROUP = "snowflake"
 DBT_CLOUD_GROUP = "dbt-cloud"
 SLACK_GROUP = "slack"
+PAGERDUTY_GROUP = "pagerduty"
 FIVETRAN_WEBHOOK_GROUP = "fivetran-webhook"
 
 _SNOWFLAKE_AUTH = "SNOWFLAKE_PASSWORD or SNOWFLAKE_PRIVATE_KEY_PATH"
@@ -82,7 +88,8 @@ _USED_BY = {
     SNOWFLAKE_GROUP: "the Snowflake warehouse (POSTLOAD_WAREHOUSE=snowflake)",
     DBT_CLOUD_GROUP: "the dbt Cloud runner (POSTLOAD_DBT_RUNNER=cloud)",
     SLACK_GROUP: "failure notifications to Slack",
-    FIVETRAN_WEBHOOK_GROUP: "the Fivetran webhook receiver (signature check)",
+    PAGERDUTY_GROUP: "failure notifications to PagerDuty too (optional)",
+    FIVETRAN_WEBHOOK_GROUP: "the Fivetran webhook receiver (`postload receiver`)",
 }
 _REQUIRED = {
     SNOWFLAKE_GROUP: (
@@ -95,6 +102,7 @@ _REQUIRED = {
     ),
     DBT_CLOUD_GROUP: ("DBT_CLOUD_API_KEY", "DBT_CLOUD_ACCOUNT_ID"),
     SLACK_GROUP: ("SLACK_WEBHOOK_URL",),
+    PAGERDUTY_GROUP: ("PAGERDUTY_INTEGRATION_KEY", "PAGERDUTY_API_KEY"),
     FIVETRAN_WEBHOOK_GROUP: ("POSTLOAD_FIVETRAN_WEBHOOK_SECRET",),
 }
 
@@ -125,6 +133,9 @@ class BlockEnv(BaseSettings):
     dbt_cloud_domain: str = "cloud.getdbt.com"
 
     slack_webhook_url: SecretStr | None = None
+
+    pagerduty_integration_key: SecretStr | None = None
+    pagerduty_api_key: SecretStr | None = None
 
     postload_fivetran_webhook_secret: SecretStr | None = None
 
@@ -312,7 +323,35 @@ def _dbt_cloud_credentials(env: BlockEnv, built: dict[str, Block]) -> Block:
 
 
 def _slack_webhook(env: BlockEnv, built: dict[str, Block]) -> Block:
-    return SlackWebhook(url=env.slack_webhook_url)
+    return slack_notification_block(env.slack_webhook_url.get_secret_value())
+
+
+def slack_notification_block(webhook_url: str) -> CustomWebhookNotificationBlock:
+    """A core block posting Slack's incoming-webhook JSON (see postload.alerts for why).
+
+    The URL's secret part (after ``/services/``, or the whole path) is kept in the block's
+    ``secrets``, so the block document shows only ``https://hooks.slack.com/services/{{...}}``.
+    """
+    base, marker, secret = webhook_url.partition("/services/")
+    if not marker:
+        scheme, _, rest = webhook_url.partition("://")
+        host, _, secret = rest.partition("/")
+        base, marker = f"{scheme}://{host}", "/"
+    return CustomWebhookNotificationBlock(
+        name="postload-slack",
+        url=f"{base}{marker}{{{{slack_webhook_path}}}}",
+        method="POST",
+        json_data={"text": "*{{subject}}*\n{{body}}"},
+        secrets={"slack_webhook_path": secret},
+    )
+
+
+def _pagerduty(env: BlockEnv, built: dict[str, Block]) -> Block:
+    return PagerDutyWebHook(
+        integration_key=env.pagerduty_integration_key,
+        api_key=env.pagerduty_api_key,
+        notify_type="failure",
+    )
 
 
 def _fivetran_secret(env: BlockEnv, built: dict[str, Block]) -> Block:
@@ -355,12 +394,17 @@ def _groups(settings: Settings) -> tuple[_Group, ...]:
         _Group(
             name=SLACK_GROUP,
             env_vars=("SLACK_WEBHOOK_URL",),
-            specs=(_Spec(SLACK_BLOCK, SlackWebhook, _slack_webhook),),
+            specs=(_Spec(SLACK_BLOCK, CustomWebhookNotificationBlock, _slack_webhook),),
+        ),
+        _Group(
+            name=PAGERDUTY_GROUP,
+            env_vars=("PAGERDUTY_INTEGRATION_KEY", "PAGERDUTY_API_KEY"),
+            specs=(_Spec(PAGERDUTY_BLOCK, PagerDutyWebHook, _pagerduty),),
         ),
         _Group(
             name=FIVETRAN_WEBHOOK_GROUP,
             env_vars=("POSTLOAD_FIVETRAN_WEBHOOK_SECRET",),
-            specs=(_Spec(FIVETRAN_WEBHOOK_SECRET_BLOCK, Secret, _fivetran_secret),),
+            specs=(_Spec(settings.fivetran_webhook_secret_block, Secret, _fivetran_secret),),
         ),
     )
 

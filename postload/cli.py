@@ -1,4 +1,5 @@
-"""``postload``: the project CLI for what is not a flow (the demo, blocks, plans, status)."""
+"""``postload``: the project CLI for what is not a flow (the demo, blocks, plans, status, the
+Fivetran webhook receiver)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from postload.config import ConfigError, Settings, UnknownSourceError
+from postload.config import ConfigError, PipelineConfig, Settings
 
 app = typer.Typer(
     help="postload: run dbt the moment data lands, only on what changed. "
@@ -20,6 +21,13 @@ blocks_app = typer.Typer(help="Prefect blocks for the production parts.", no_arg
 app.add_typer(blocks_app, name="blocks")
 
 SourceArg = Annotated[str, typer.Argument(help="a source name from the pipeline config")]
+SourceOrConnectorArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="SOURCE_OR_CONNECTOR_ID",
+        help="a source name, or the connector_id of a Fivetran loader, from the pipeline config",
+    ),
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -52,19 +60,39 @@ def sources() -> None:
 
 
 @app.command()
-def plan(source: SourceArg) -> None:
-    """Print the dbt selection for SOURCE and the nodes it would build, without building."""
+def plan(target: SourceOrConnectorArg) -> None:
+    """Print the dbt selection and the nodes it would build, without building: for a source, or
+    for a Fivetran connector id (the union of the work of every source it loads)."""
     from postload.dbt._core import CoreDbtRunner, DbtInvocationError
+    from postload.sync import union_selection
 
     settings, pipeline = _settings_and_pipeline()
-    try:
-        src = pipeline.source(source)
-    except UnknownSourceError as exc:
-        raise _fail(str(exc)) from None
-    selection = src.effective_selection
-    typer.echo(f"source {src.name}: dbt build {selection.describe()}")
     runner = CoreDbtRunner(settings.dbt_project_path, settings.duckdb_file)
+    connector_sources = pipeline.sources_for_connector(target)
     try:
+        if target in pipeline.source_names:
+            src = pipeline.source(target)
+            selection = src.effective_selection
+            typer.echo(f"source {src.name}: dbt build {selection.describe()}")
+            if connector_sources:
+                typer.secho(
+                    f"  note: {target!r} is also a Fivetran connector id; "
+                    "this is the plan for the source of that name",
+                    fg="yellow",
+                )
+        elif connector_sources:
+            typer.echo(
+                f"connector {target}: sources {', '.join(s.name for s in connector_sources)}"
+            )
+            for src in connector_sources:
+                typer.echo(f"  {src.name}: {src.effective_selection.describe()}")
+            # The same union a sync-triggered transform builds in one dbt invocation.
+            selection = union_selection(
+                [s.effective_selection for s in connector_sources], runner.model_names
+            )
+            typer.echo(f"dbt build {selection.describe()}")
+        else:
+            raise _fail(_unknown_target(target, settings, pipeline))
         nodes = runner.list_nodes(selection)
     except DbtInvocationError as exc:
         raise _fail(str(exc)) from None
@@ -72,6 +100,15 @@ def plan(source: SourceArg) -> None:
         typer.secho("  the selection matches no dbt nodes: nothing would be built", fg="yellow")
     for uid in nodes:
         typer.echo(f"  {uid}")
+
+
+def _unknown_target(target: str, settings: Settings, pipeline: PipelineConfig) -> str:
+    connector_ids = ", ".join(pipeline.connector_ids) or "none: no source has loader type fivetran"
+    return (
+        f"unknown source or connector id {target!r}: expected one of the sources "
+        f"({', '.join(pipeline.source_names)}) or Fivetran connector ids ({connector_ids}) "
+        f"in {settings.pipeline_config_path}"
+    )
 
 
 @app.command()
@@ -108,6 +145,61 @@ def demo(
 
     settings, pipeline = _settings_and_pipeline()
     sys.exit(run_demo(settings, pipeline, event_batches=batches, echo=typer.echo))
+
+
+@app.command()
+def receiver(
+    host: Annotated[
+        str | None,
+        typer.Option(help="bind address (default: POSTLOAD_RECEIVER_HOST, else 127.0.0.1)"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="port (default: POSTLOAD_RECEIVER_PORT, else 8787)"),
+    ] = None,
+) -> None:
+    """Run the Fivetran webhook receiver (POST /webhooks/fivetran, GET /healthz): it checks each
+    webhook's signature, stores it in the outbox, answers 202 and forwards it as a Prefect event
+    to PREFECT_API_URL. The secret comes from POSTLOAD_FIVETRAN_WEBHOOK_SECRET, else from the
+    Prefect Secret block POSTLOAD_FIVETRAN_WEBHOOK_SECRET_BLOCK (default
+    postload-fivetran-webhook-secret). Stops gracefully on SIGTERM or Ctrl-C."""
+    from prefect.settings import get_current_settings
+
+    from postload.receiver import serve
+
+    settings = Settings()
+    api = get_current_settings().api
+    if not api.url:
+        # Prefect's temporary local server would start, receive the events and vanish with them.
+        raise _fail(
+            "PREFECT_API_URL is not set: the receiver forwards events to {PREFECT_API_URL}/events "
+            "of a running Prefect server (e.g. http://127.0.0.1:4200/api) or Cloud workspace"
+        )
+    try:
+        secret, secret_source = settings.resolve_fivetran_webhook_secret()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    serve(
+        settings.receiver_host if host is None else host,
+        settings.receiver_port if port is None else port,
+        secret_source=secret_source,
+        secret=secret,
+        outbox_path=settings.receiver_outbox_path,
+        prefect_api_url=api.url,
+        prefect_api_key=api.key.get_secret_value() if api.key else None,
+        prefect_auth_string=api.auth_string.get_secret_value() if api.auth_string else None,
+        max_body_bytes=settings.receiver_max_body_bytes,
+    )
+
+
+@app.command("cloud-webhook-template")
+def cloud_webhook_template() -> None:
+    """Print the Prefect Cloud webhook template (Jinja) that turns Fivetran webhooks into the
+    events the receiver emits: prefect cloud webhook create fivetran --template
+    "$(postload cloud-webhook-template)". Cloud checks no signature and picks its own event ids."""
+    from postload.fivetran import cloud_webhook_template as template
+
+    typer.echo(template(), nl=False)
 
 
 @blocks_app.command("register")

@@ -14,6 +14,7 @@ SQL anywhere is ever built from an unchecked config value.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -23,12 +24,20 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The Prefect Secret block the receiver reads the Fivetran webhook secret from when
+# POSTLOAD_FIVETRAN_WEBHOOK_SECRET is not set (``postload blocks register`` creates it).
+DEFAULT_FIVETRAN_WEBHOOK_SECRET_BLOCK = "postload-fivetran-webhook-secret"
+FIVETRAN_WEBHOOK_SECRET_ENV = "POSTLOAD_FIVETRAN_WEBHOOK_SECRET"
+FIVETRAN_WEBHOOK_SECRET_BLOCK_ENV = "POSTLOAD_FIVETRAN_WEBHOOK_SECRET_BLOCK"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 # dbt selection arguments travel as one argv element (never through a shell), but they still
@@ -146,11 +155,48 @@ class SourceConfig(_Strict):
         return self.selection or Selection(select=f"source:{self.dbt_source_name}+")
 
 
+_DURATION = re.compile(r"^\s*(\d+)\s*(m|min|h|d)\s*$")
+_DURATION_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``30m``, ``2h``, ``1d`` or a number of minutes."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return timedelta(minutes=value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError(
+            f"{value!r} is not a duration: expected a positive number of minutes or a string "
+            "like '30m', '2h' or '1d'"
+        )
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class FullRunConfig(_Strict):
+    """What full-run-when-fresh waits for. Unset limits come from each dbt source's freshness
+    block: ``warn_after`` is the allowed staleness, ``error_after`` the alert deadline."""
+
+    sources: list[Identifier] | None = Field(
+        default=None, description="tracked sources; defaults to every source"
+    )
+    stale_after: dict[Identifier, Duration] = Field(default_factory=dict)
+    alert_after: dict[Identifier, Duration] = Field(default_factory=dict)
+    dbt_cloud_job_id: int | None = Field(
+        default=None, gt=0, description="dbt Cloud: the job that builds everything"
+    )
+
+
 class PipelineConfig(_Strict):
     version: Literal[1] = 1
     raw_schema: Identifier = "raw"
     ops_schema: Identifier = "ops"
     sources: list[SourceConfig] = Field(min_length=1)
+    full_run: FullRunConfig = Field(default_factory=FullRunConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> PipelineConfig:
@@ -159,11 +205,28 @@ class PipelineConfig(_Strict):
             if s.name in seen:
                 raise ValueError(f"source name {s.name!r} is declared twice")
             seen.add(s.name)
+        known = ", ".join(self.source_names)
+        for key in ("sources", "stale_after", "alert_after"):
+            for name in getattr(self.full_run, key) or []:
+                if name not in seen:
+                    raise ValueError(
+                        f"full_run.{key} names source {name!r}, which is not declared; "
+                        f"expected one of: {known}"
+                    )
         return self
 
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
+
+    @property
+    def connector_ids(self) -> list[str]:
+        """The Fivetran connector ids of the sources, in order, without duplicates."""
+        return list(
+            dict.fromkeys(
+                s.loader.connector_id for s in self.sources if isinstance(s.loader, FivetranLoader)
+            )
+        )
 
     def sources_for_connector(self, connector_id: str) -> list[SourceConfig]:
         return [
@@ -282,6 +345,18 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(5.0, ge=0)
     retry_jitter_factor: float = Field(0.5, ge=0)
 
+    receiver_host: str = Field("127.0.0.1", min_length=1, description="the receiver's bind address")
+    receiver_port: int = Field(8787, ge=1, le=65535)
+    receiver_outbox: Path | None = Field(
+        default=None,
+        description="the receiver's SQLite outbox; default .postload/receiver-outbox.sqlite3",
+    )
+    receiver_max_body_bytes: int = Field(1 << 20, gt=0, description="larger bodies get a 413")
+    fivetran_webhook_secret: SecretStr | None = Field(
+        default=None, description="signs Fivetran webhooks; when unset, read from the Secret block"
+    )
+    fivetran_webhook_secret_block: str = Field(DEFAULT_FIVETRAN_WEBHOOK_SECRET_BLOCK, min_length=1)
+
     def _abs(self, p: Path) -> Path:
         return p if p.is_absolute() else (self.project_dir / p)
 
@@ -306,6 +381,58 @@ class Settings(BaseSettings):
     @cached_property
     def dbt_project_path(self) -> Path:
         return self._abs(self.dbt_project_dir)
+
+    @cached_property
+    def receiver_outbox_path(self) -> Path:
+        return (
+            self._abs(self.receiver_outbox)
+            if self.receiver_outbox
+            else self.home_path / "receiver-outbox.sqlite3"
+        )
+
+    def resolve_fivetran_webhook_secret(self) -> tuple[str, str]:
+        """The Fivetran webhook secret and where it came from (for logs: never the value).
+
+        ``POSTLOAD_FIVETRAN_WEBHOOK_SECRET`` wins; otherwise the Prefect Secret block named by
+        ``fivetran_webhook_secret_block`` is read from the current Prefect API. Raises
+        ``ConfigError`` naming both places when neither holds a secret.
+        """
+        if self.fivetran_webhook_secret is not None:
+            value = self.fivetran_webhook_secret.get_secret_value()
+            # An empty variable is a forgotten one, not a secret: an empty HMAC key is forgeable.
+            if value.strip():
+                return value, FIVETRAN_WEBHOOK_SECRET_ENV
+        name = self.fivetran_webhook_secret_block
+
+        def missing(block_problem: str) -> ConfigError:
+            return ConfigError(
+                f"no Fivetran webhook secret: {FIVETRAN_WEBHOOK_SECRET_ENV} is not set (or empty) "
+                f"and the Prefect Secret block {name!r} {block_problem}. Expected one of them: set "
+                f"{FIVETRAN_WEBHOOK_SECRET_ENV}, or create the block with `postload blocks "
+                f"register` while it is set ({FIVETRAN_WEBHOOK_SECRET_BLOCK_ENV} names another "
+                "block)"
+            )
+
+        from prefect.blocks.system import Secret
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            block = Secret.load(name, _sync=True)
+        except ValueError as exc:
+            if isinstance(exc.__cause__, ObjectNotFound):
+                raise missing("does not exist") from None
+            raise ConfigError(f"the Secret block {name!r} could not be read: {exc}") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"the Secret block {name!r} could not be read from the Prefect API "
+                f"({type(exc).__name__}: {exc}); set {FIVETRAN_WEBHOOK_SECRET_ENV} or check "
+                "PREFECT_API_URL"
+            ) from None
+        value = block.get()
+        if not isinstance(value, str) or not value.strip():
+            held = f"a {type(value).__name__}" if value else "an empty value"
+            raise missing(f"holds {held}, not a non-empty string")
+        return value, f"Secret block {name!r}"
 
     def load_pipeline(self) -> PipelineConfig:
         return load_pipeline_config(self.pipeline_config_path)

@@ -13,6 +13,8 @@ them and every rule here is unit-testable.
   and then disable the webhook.
 * Event id: deterministic, so a redelivery is the *same* Prefect event (the trigger service and
   the receiver's outbox both deduplicate on it).
+* Prefect Cloud: ``cloud_webhook_template()`` is the Jinja template for a Cloud webhook that maps
+  the same bodies to the same events, except that Cloud chooses ``id`` and ``occurred``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hmac
 import json
 import re
 from datetime import UTC, datetime
+from importlib.resources import files
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, uuid5
 
@@ -31,6 +34,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "TEST_EVENT",
     "FivetranWebhook",
+    "cloud_webhook_template",
     "prefect_event_name",
     "signature_problem",
     "to_prefect_event",
@@ -193,3 +197,12 @@ def to_prefect_event(
         "resource": resource,
         "payload": hook.raw,
     }
+
+
+CLOUD_WEBHOOK_TEMPLATE = "fivetran_cloud_webhook.json.j2"
+
+
+def cloud_webhook_template() -> str:
+    """The Prefect Cloud webhook template (Jinja) that turns a Fivetran webhook body into the
+    event ``to_prefect_event`` makes, ``id`` and ``occurred`` aside (Cloud sets those)."""
+    return files("postload").joinpath(CLOUD_WEBHOOK_TEMPLATE).read_text(encoding="utf-8")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect.blocks.notifications import SlackWebhook
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
@@ -24,6 +24,8 @@ from postload.blocks import (
     DBT_CLOUD_GROUP,
     FIVETRAN_WEBHOOK_GROUP,
     FIVETRAN_WEBHOOK_SECRET_BLOCK,
+    PAGERDUTY_BLOCK,
+    PAGERDUTY_GROUP,
     SLACK_BLOCK,
     SLACK_GROUP,
     SNOWFLAKE_CREDENTIALS_BLOCK,
@@ -41,7 +43,15 @@ SNOWFLAKE_PASSWORD = "pw-secret-xyz"
 DBT_API_KEY = "dbtc-secret-api-key-7731"
 SLACK_URL = "https://hooks.slack.com/services/T0SECRET/B0SECRET/slacksecret42"
 FIVETRAN_SECRET = "fivetran-signing-secret-9f2c"
-SECRETS = (SNOWFLAKE_PASSWORD, DBT_API_KEY, SLACK_URL, FIVETRAN_SECRET, "slacksecret42")
+PAGERDUTY_KEY = "pd-routing-key-5521"
+SECRETS = (
+    SNOWFLAKE_PASSWORD,
+    DBT_API_KEY,
+    SLACK_URL,
+    FIVETRAN_SECRET,
+    "slacksecret42",
+    PAGERDUTY_KEY,
+)
 
 FULL_ENV: dict[str, str] = {
     "SNOWFLAKE_ACCOUNT": "acct-123",
@@ -53,12 +63,14 @@ FULL_ENV: dict[str, str] = {
     "DBT_CLOUD_API_KEY": DBT_API_KEY,
     "DBT_CLOUD_ACCOUNT_ID": "4242",
     "SLACK_WEBHOOK_URL": SLACK_URL,
+    "PAGERDUTY_INTEGRATION_KEY": PAGERDUTY_KEY,
+    "PAGERDUTY_API_KEY": "pd-api-key-0087",
     "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": FIVETRAN_SECRET,
 }
 FIXED_NAMES = (
     (SNOWFLAKE_CREDENTIALS_BLOCK, "snowflake-credentials"),
-    (SLACK_BLOCK, "slack-webhook"),
-    (FIVETRAN_WEBHOOK_SECRET_BLOCK, "secret"),
+    (SLACK_BLOCK, "custom-webhook"),
+    (PAGERDUTY_BLOCK, "pager-duty-webhook"),
 )
 
 
@@ -75,12 +87,13 @@ def settings(tmp_path: Path) -> Settings:
         project_dir=tmp_path,
         snowflake_block=f"test-snowflake-{suffix}",
         dbt_cloud_credentials_block=f"test-dbt-cloud-{suffix}",
+        fivetran_webhook_secret_block=f"test-fivetran-secret-{suffix}",
     )
 
 
 @pytest.fixture
 def no_fixed_blocks(prefect_server: str):
-    """The fixed-name documents (credentials, Slack, secret) do not exist before or after."""
+    """The fixed-name documents (credentials, Slack) do not exist before or after."""
     _delete_fixed()
     yield
     _delete_fixed()
@@ -115,11 +128,12 @@ def test_no_variables_skips_every_group_and_creates_nothing(
 
     report = register_blocks(settings, _env())
 
-    assert [r.status for r in report] == [BlockStatus.SKIPPED] * 5
+    assert [r.status for r in report] == [BlockStatus.SKIPPED] * 6
     assert {r.group for r in report} == {
         SNOWFLAKE_GROUP,
         DBT_CLOUD_GROUP,
         SLACK_GROUP,
+        PAGERDUTY_GROUP,
         FIVETRAN_WEBHOOK_GROUP,
     }
     assert all(r.missing == () and r.document_id is None for r in report)
@@ -128,6 +142,10 @@ def test_no_variables_skips_every_group_and_creates_nothing(
     text = format_report(report)
     assert "embedded default" in text
     assert "SNOWFLAKE_ACCOUNT" in text and "DBT_CLOUD_API_KEY" in text
+    assert (
+        "- fivetran-webhook: not configured; to use the Fivetran webhook receiver "
+        "(`postload receiver`), set POSTLOAD_FIVETRAN_WEBHOOK_SECRET."
+    ) in text
 
 
 def test_partial_snowflake_is_incomplete_names_missing_and_saves_nothing(
@@ -190,8 +208,9 @@ def test_all_variables_create_loadable_blocks_and_rerun_is_idempotent(
         (SNOWFLAKE_CREDENTIALS_BLOCK, "snowflake-credentials", BlockStatus.CREATED),
         (settings.snowflake_block, "snowflake-connector", BlockStatus.CREATED),
         (settings.dbt_cloud_credentials_block, "dbt-cloud-credentials", BlockStatus.CREATED),
-        (SLACK_BLOCK, "slack-webhook", BlockStatus.CREATED),
-        (FIVETRAN_WEBHOOK_SECRET_BLOCK, "secret", BlockStatus.CREATED),
+        (SLACK_BLOCK, "custom-webhook", BlockStatus.CREATED),
+        (PAGERDUTY_BLOCK, "pager-duty-webhook", BlockStatus.CREATED),
+        (settings.fivetran_webhook_secret_block, "secret", BlockStatus.CREATED),
     ]
     assert first.ok and all(r.document_id is not None for r in first)
 
@@ -212,18 +231,47 @@ def test_all_variables_create_loadable_blocks_and_rerun_is_idempotent(
     assert dbt.account_id == 4242
     assert dbt.domain == "cloud.getdbt.com"
     assert dbt.api_key.get_secret_value() == DBT_API_KEY
-    assert SlackWebhook.load(SLACK_BLOCK).url.get_secret_value() == SLACK_URL
-    assert Secret.load(FIVETRAN_WEBHOOK_SECRET_BLOCK).get() == FIVETRAN_SECRET
+    slack = CustomWebhookNotificationBlock.load(SLACK_BLOCK)
+    # the document shows the host, never the secret path; the path sits in the block's secrets
+    assert slack.url == "https://hooks.slack.com/services/{{slack_webhook_path}}"
+    assert slack.secrets.get_secret_value() == {
+        "slack_webhook_path": "T0SECRET/B0SECRET/slacksecret42"
+    }
+    assert Secret.load(settings.fivetran_webhook_secret_block).get() == FIVETRAN_SECRET
+    # ... and it is where the receiver finds the secret when the variable is not set
+    assert Settings(
+        _env_file=None,
+        project_dir=settings.project_dir,
+        fivetran_webhook_secret_block=settings.fivetran_webhook_secret_block,
+    ).resolve_fivetran_webhook_secret() == (
+        FIVETRAN_SECRET,
+        f"Secret block {settings.fivetran_webhook_secret_block!r}",
+    )
 
     docs_after_first = _documents()
 
     second = register_blocks(settings, env)
 
-    assert [r.status for r in second] == [BlockStatus.UNCHANGED] * 5
+    assert [r.status for r in second] == [BlockStatus.UNCHANGED] * 6
     assert [r.document_id for r in second] == [r.document_id for r in first]
     assert _documents() == docs_after_first  # not even touched
     for result in second:
         assert len(docs_after_first[(result.name, result.block_type)]) == 1
+
+
+def test_webhook_secret_block_name_comes_from_settings(
+    prefect_server: str, settings: Settings
+) -> None:
+    assert Settings.model_fields["fivetran_webhook_secret_block"].default == (
+        FIVETRAN_WEBHOOK_SECRET_BLOCK
+    )
+    report = register_blocks(settings, _env(POSTLOAD_FIVETRAN_WEBHOOK_SECRET=FIVETRAN_SECRET))
+    [result] = report.group(FIVETRAN_WEBHOOK_GROUP)
+    assert (result.name, result.status) == (
+        settings.fivetran_webhook_secret_block,
+        BlockStatus.CREATED,
+    )
+    assert FIVETRAN_SECRET not in format_report(report)
 
 
 def test_changed_values_update_in_place(

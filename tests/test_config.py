@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect.blocks.system import Secret
+from pydantic import ValidationError
 
 from postload.config import (
     ConfigError,
@@ -129,3 +132,88 @@ def test_settings_default_to_embedded_paths_under_project(
     settings = Settings(_env_file=None)
     assert settings.warehouse is WarehouseKind.SNOWFLAKE
     assert settings.duckdb_file == Path("/data/w.duckdb")
+
+
+def test_receiver_settings_defaults_and_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTLOAD_PROJECT_DIR", str(tmp_path))
+    settings = Settings(_env_file=None)
+    assert (settings.receiver_host, settings.receiver_port) == ("127.0.0.1", 8787)
+    assert settings.receiver_outbox_path == tmp_path / ".postload" / "receiver-outbox.sqlite3"
+    assert settings.receiver_max_body_bytes == 1 << 20
+    assert settings.fivetran_webhook_secret is None
+    assert settings.fivetran_webhook_secret_block == "postload-fivetran-webhook-secret"
+
+    monkeypatch.setenv("POSTLOAD_RECEIVER_HOST", "0.0.0.0")
+    monkeypatch.setenv("POSTLOAD_RECEIVER_PORT", "9000")
+    monkeypatch.setenv("POSTLOAD_RECEIVER_OUTBOX", "state/outbox.sqlite3")
+    monkeypatch.setenv("POSTLOAD_RECEIVER_MAX_BODY_BYTES", "4096")
+    monkeypatch.setenv("POSTLOAD_FIVETRAN_WEBHOOK_SECRET", "s3cr3t-value")
+    settings = Settings(_env_file=None)
+    assert (settings.receiver_host, settings.receiver_port) == ("0.0.0.0", 9000)
+    assert settings.receiver_outbox_path == tmp_path / "state" / "outbox.sqlite3"
+    assert settings.receiver_max_body_bytes == 4096
+    assert "s3cr3t-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("receiver_port", 0), ("receiver_port", 70000), ("receiver_max_body_bytes", 0)],
+)
+def test_receiver_settings_are_checked(tmp_path: Path, key: str, value: int) -> None:
+    with pytest.raises(ValidationError, match=key):
+        Settings(_env_file=None, project_dir=tmp_path, **{key: value})
+
+
+def secret_settings(tmp_path: Path, secret: str | None, block: str) -> Settings:
+    return Settings(
+        _env_file=None,
+        project_dir=tmp_path,
+        fivetran_webhook_secret=secret,
+        fivetran_webhook_secret_block=block,
+    )
+
+
+def test_webhook_secret_variable_wins_over_the_block(prefect_server: str, tmp_path: Path) -> None:
+    block = f"test-webhook-secret-{uuid.uuid4().hex[:8]}"
+    Secret(value="from-the-block").save(block)
+    settings = secret_settings(tmp_path, "from-the-variable", block)
+    assert settings.resolve_fivetran_webhook_secret() == (
+        "from-the-variable",
+        "POSTLOAD_FIVETRAN_WEBHOOK_SECRET",
+    )
+
+
+@pytest.mark.parametrize("secret", [None, "", "  "], ids=["unset", "empty", "blank"])
+def test_webhook_secret_comes_from_the_block_without_the_variable(
+    prefect_server: str, tmp_path: Path, secret: str | None
+) -> None:
+    block = f"test-webhook-secret-{uuid.uuid4().hex[:8]}"
+    Secret(value="from-the-block").save(block)
+    settings = secret_settings(tmp_path, secret, block)
+    assert settings.resolve_fivetran_webhook_secret() == (
+        "from-the-block",
+        f"Secret block {block!r}",
+    )
+
+
+def test_no_webhook_secret_anywhere_names_the_variable_and_the_block(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    block = f"absent-webhook-secret-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ConfigError) as err:
+        secret_settings(tmp_path, None, block).resolve_fivetran_webhook_secret()
+    assert str(err.value) == (
+        "no Fivetran webhook secret: POSTLOAD_FIVETRAN_WEBHOOK_SECRET is not set (or empty) and "
+        f"the Prefect Secret block {block!r} does not exist. Expected one of them: set "
+        "POSTLOAD_FIVETRAN_WEBHOOK_SECRET, or create the block with `postload blocks register` "
+        "while it is set (POSTLOAD_FIVETRAN_WEBHOOK_SECRET_BLOCK names another block)"
+    )
+
+
+def test_a_block_without_a_usable_secret_is_reported(prefect_server: str, tmp_path: Path) -> None:
+    block = f"test-webhook-secret-{uuid.uuid4().hex[:8]}"
+    Secret(value={"not": "a string"}).save(block)
+    with pytest.raises(ConfigError, match=rf"{block!r} holds a dict, not a non-empty string"):
+        secret_settings(tmp_path, None, block).resolve_fivetran_webhook_secret()

@@ -1,19 +1,32 @@
-"""The Fivetran protocol, without I/O: signature, payload validation, mapping to Prefect events."""
+"""The Fivetran protocol, without I/O: signature, payload validation, mapping to Prefect events,
+and the Prefect Cloud webhook template that must map the same bodies to the same events."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
+import yaml
+from jinja2 import StrictUndefined, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from prefect.events.schemas.events import Event
+from prefect.server.utilities.user_templates import (
+    TemplateRenderError,
+    render_user_template_sync,
+    validate_user_template,
+)
 from pydantic import ValidationError
 
 from postload.fivetran import (
     FivetranWebhook,
+    cloud_webhook_template,
     signature_problem,
     to_prefect_event,
     verify_signature,
@@ -333,3 +346,151 @@ def test_events_without_sync_id_are_told_apart_by_created() -> None:
     assert monday is not None and again is not None and tuesday is not None
     assert monday["id"] == again["id"]
     assert monday["id"] != tuesday["id"]
+
+
+# --- the Prefect Cloud webhook template ------------------------------------------------------
+#
+# Cloud renders the template itself; the nearest engine available here is the one Prefect's own
+# server renders user templates with (sandboxed Jinja, ChainableUndefined). A strict sandbox runs
+# too: it fails on any unguarded use of a missing key, whatever undefined policy Cloud uses.
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Real bodies: the live-captured sync_end above, its failure variant (data.reason as documented
+# by Fivetrex), sync_start in the same envelope without data, and Fivetran's documented
+# connectivity test (no sync_id, no connector_name).
+CLOUD_SAMPLES: dict[str, dict[str, Any]] = {
+    "sync_end_successful": sync_end(),
+    "sync_end_failed": sync_end(
+        data={"status": "FAILURE_WITH_TASK", "reason": "Table 'orders': permission denied"}
+    ),
+    "sync_start": {k: v for k, v in sync_end(event="sync_start").items() if k != "data"},
+    "test_event": {
+        "event": "test_event",
+        "created": "2026-05-22T00:06:08.638Z",
+        "connector_type": "_connector_type",
+        "connector_id": "_connector_1",
+        "group_id": "_destination_1",
+    },
+}
+
+
+def render_prefect(template: str, body: Any) -> str:
+    return render_user_template_sync(
+        template, {"method": "POST", "headers": {"content-type": "application/json"}, "body": body}
+    )
+
+
+def render_strict(template: str, body: Any) -> str:
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined)
+    return env.from_string(template).render(method="POST", headers={}, body=body)
+
+
+RENDERERS = {"prefect": render_prefect, "strict": render_strict}
+
+
+@pytest.fixture(params=sorted(RENDERERS))
+def render_cloud(request: pytest.FixtureRequest) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    render = RENDERERS[request.param]
+    template = cloud_webhook_template()
+    validate_user_template(template)  # what Cloud checks when the webhook is created
+
+    def rendered_event(body: dict[str, Any]) -> dict[str, Any]:
+        event = json.loads(render(template, body))
+        # What Cloud adds before storing it must make a valid Prefect event.
+        Event.model_validate({**event, "id": str(uuid4()), "occurred": datetime.now(UTC)})
+        return event
+
+    return rendered_event
+
+
+def assert_same_event(cloud: dict[str, Any], receiver: dict[str, Any] | None) -> None:
+    assert receiver is not None
+    # id and occurred are Cloud's: a random id, the time of receipt.
+    assert set(cloud) == {"event", "resource", "payload"}
+    assert cloud["event"] == receiver["event"]
+    assert cloud["resource"] == receiver["resource"]
+    assert cloud["payload"] == receiver["payload"]
+
+
+@pytest.mark.parametrize("sample", ["sync_end_successful", "sync_end_failed", "sync_start"])
+def test_cloud_template_makes_the_receivers_event(
+    render_cloud: Callable[[dict[str, Any]], dict[str, Any]], sample: str
+) -> None:
+    body = CLOUD_SAMPLES[sample]
+    cloud = render_cloud(body)
+    assert_same_event(cloud, event_for(body))
+    expected_name = {
+        "sync_end_successful": "fivetran.sync.succeeded",
+        "sync_end_failed": "fivetran.sync.failed",
+        "sync_start": "fivetran.sync_start",
+    }[sample]
+    assert cloud["event"] == expected_name
+
+
+def trigger_event_names() -> set[str]:
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    return {
+        name
+        for deployment in deployments
+        for trigger in deployment.get("triggers") or []
+        for name in trigger.get("expect", [])
+    }
+
+
+def test_cloud_template_turns_the_test_event_into_a_harmless_event(
+    render_cloud: Callable[[dict[str, Any]], dict[str, Any]],
+) -> None:
+    # The receiver acknowledges test_event without recording it; Cloud turns every request into
+    # an event, so the template must render it (a render error answers 400, and Fivetran refuses
+    # to create a webhook whose test fails) into one that no deployment trigger expects.
+    body = CLOUD_SAMPLES["test_event"]
+    assert event_for(body) is None
+    cloud = render_cloud(body)
+    assert cloud == {
+        "event": "fivetran.test_event",
+        "resource": {
+            "prefect.resource.id": "fivetran.connector._connector_1",
+            "fivetran.connector_id": "_connector_1",
+        },
+        "payload": body,
+    }
+    assert "fivetran.sync.succeeded" in trigger_event_names()
+    assert cloud["event"] not in trigger_event_names()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        *(sync_end(data=data) for data in ({"status": "FAILED"}, {"status": "successful"})),
+        *(sync_end(data=data) for data in ({"status": None}, {}, None)),
+        sync_end(connector_name='Ventes "Île-de-France" </script> \\ 🚚'),
+        sync_end(connection_id="assimilate_seem", exception_id=None, nested={"a": [1, 2.5]}),
+        {k: v for k, v in sync_end(event="pause_connector").items() if k != "sync_id"},
+        {k: v for k, v in sync_end().items() if k != "connector_name"},
+    ],
+    ids=[
+        "failed",
+        "lower-case-successful",
+        "status-null",
+        "data-empty",
+        "data-null",
+        "name-with-quotes-html-backslash",
+        "extra-keys",
+        "no-sync-id",
+        "no-connector-name",
+    ],
+)
+def test_cloud_template_agrees_with_the_receiver_on_edge_cases(
+    render_cloud: Callable[[dict[str, Any]], dict[str, Any]], body: dict[str, Any]
+) -> None:
+    assert_same_event(render_cloud(body), event_for(body))
+
+
+@pytest.mark.parametrize("render", sorted(RENDERERS))
+def test_cloud_template_refuses_a_body_without_connector_id(render: str) -> None:
+    # The receiver answers 400; a render error makes Cloud answer 400 too.
+    body = sync_end()
+    del body["connector_id"]
+    with pytest.raises((TemplateRenderError, TypeError, UndefinedError)):
+        RENDERERS[render](cloud_webhook_template(), body)

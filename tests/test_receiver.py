@@ -1,9 +1,10 @@
 """The webhook receiver as a real process: signed requests in, Prefect events out.
 
-Each receiver is a ``python -c`` subprocess running ``postload.receiver.serve`` on a free loopback
-port with its own outbox file, forwarding to the session's Prefect test server (or to a closed
-port, to play an outage). Readiness is ``GET /healthz`` answering; arrival in Prefect is polled on
-``POST /events/filter``; both are bounded.
+Each receiver is a ``python -c`` subprocess running ``postload.receiver.serve`` (or the
+``postload receiver`` command) on a free loopback port with its own outbox file, forwarding to
+the session's Prefect test server (or to a closed port, to play an outage). Readiness is
+``GET /healthz`` answering; arrival in Prefect is polled on ``POST /events/filter``; both are
+bounded.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.blocks.system import Secret
 
 from postload.receiver import Receiver
 
 REPO = Path(__file__).resolve().parent.parent
+POSTLOAD = Path(sys.executable).parent / "postload"
 SECRET = "whsec-itest-5d7e0c2a9b"
 HEADER = "X-Fivetran-Signature-256"
 READY_TIMEOUT = 30.0
@@ -50,6 +53,20 @@ serve(
     prefect_api_url=os.environ["RECEIVER_API_URL"],
 )
 """
+
+
+def cli_env(workdir: Path, **values: str) -> dict[str, str]:
+    """The environment of a ``postload`` process: this one's without any postload setting or
+    Prefect API/profile of the machine (so only ``values`` decide), run from ``workdir``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(
+            ("POSTLOAD_", "PREFECT_API_", "PREFECT_PROFILES_PATH", "PREFECT_HOME")
+        )
+    }
+    env |= {"PREFECT_HOME": str(workdir / "prefect-home"), "POSTLOAD_PROJECT_DIR": str(workdir)}
+    return env | values
 
 
 def free_port() -> int:
@@ -91,24 +108,40 @@ def webhook(connector_id: str, event: str = "sync_end", **overrides: Any) -> dic
 class ReceiverProcess:
     """One receiver subprocess; its stdout/stderr go to files (a full pipe would block it)."""
 
-    def __init__(self, workdir: Path, outbox: Path, api_url: str) -> None:
+    def __init__(
+        self, workdir: Path, outbox: Path, api_url: str, cli: dict[str, str] | None = None
+    ) -> None:
+        """``cli``: run ``postload receiver --port PORT`` with these settings added to its
+        environment (the secret's), instead of calling ``serve`` directly."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.outbox = outbox
         workdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = workdir / f"receiver-{self.port}.out"
         self.stderr_path = workdir / f"receiver-{self.port}.err"
-        env = {
-            **os.environ,
-            "RECEIVER_PORT": str(self.port),
-            "RECEIVER_SECRET": SECRET,
-            "RECEIVER_OUTBOX": str(outbox),
-            "RECEIVER_API_URL": api_url,
-        }
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", SERVE], cwd=REPO, env=env, stdout=out, stderr=err
+        if cli is None:
+            argv = [sys.executable, "-c", SERVE]
+            cwd = REPO
+            env = {
+                **os.environ,
+                "RECEIVER_PORT": str(self.port),
+                "RECEIVER_SECRET": SECRET,
+                "RECEIVER_OUTBOX": str(outbox),
+                "RECEIVER_API_URL": api_url,
+            }
+        else:
+            argv = [str(POSTLOAD), "receiver", "--port", str(self.port)]
+            cwd = workdir  # no .env file is read
+            env = cli_env(
+                workdir,
+                PREFECT_API_URL=api_url,
+                POSTLOAD_RECEIVER_OUTBOX=str(outbox),
+                # --port must win over the setting: nothing would answer on this one.
+                POSTLOAD_RECEIVER_PORT=str(free_port()),
+                **cli,
             )
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err)
         self.client = httpx.Client(base_url=self.base_url, timeout=10.0)
         self._wait_ready()
 
@@ -147,8 +180,8 @@ class ReceiverProcess:
             errors="replace"
         )
 
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM, like a deployment would), bounded."""
+    def stop(self) -> int:
+        """Graceful stop (SIGTERM, like a deployment would), bounded; the exit code."""
         self.client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -157,6 +190,11 @@ class ReceiverProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The receiver's own log lines (JSON), in order."""
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
 
     def kill9(self) -> None:
         self.client.close()
@@ -171,9 +209,11 @@ class Receivers:
         self.workdir = workdir
         self.started: list[ReceiverProcess] = []
 
-    def start(self, api_url: str, outbox: Path | None = None) -> ReceiverProcess:
+    def start(
+        self, api_url: str, outbox: Path | None = None, cli: dict[str, str] | None = None
+    ) -> ReceiverProcess:
         outbox = outbox or self.workdir / f"outbox-{len(self.started)}.sqlite3"
-        receiver = ReceiverProcess(self.workdir, outbox, api_url)
+        receiver = ReceiverProcess(self.workdir, outbox, api_url, cli)
         self.started.append(receiver)
         return receiver
 
@@ -522,3 +562,84 @@ def test_forward_batches_are_cut_by_size() -> None:
     assert [r[0] for r in _cut_at_bytes(rows, 1000)] == ["0", "1"]
     assert [r[0] for r in _cut_at_bytes(rows, 10)] == ["0"]  # one oversized event still goes
     assert _cut_at_bytes(rows, 10_000) == rows
+
+
+# --- the `postload receiver` command ---------------------------------------------------------
+
+
+def run_cli(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [str(POSTLOAD), *args],
+        cwd=workdir,
+        env=cli_env(workdir, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_postload_receiver_accepts_signed_webhooks_and_stops_cleanly(
+    prefect_server: str, start_receiver: Callable[..., ReceiverProcess]
+) -> None:
+    receiver = start_receiver(prefect_server, cli={"POSTLOAD_FIVETRAN_WEBHOOK_SECRET": SECRET})
+    connector = new_connector()
+
+    response = receiver.send(webhook(connector))
+
+    assert response.status_code == 202, response.text
+    assert response.json()["accepted"] is True
+    body = json.dumps(webhook(connector)).encode()
+    assert receiver.post(body, signature=sign(body, "another-secret")).status_code == 401
+    wait_for_events(prefect_server, "fivetran.sync.succeeded", connector)
+
+    assert receiver.stop() == 0, receiver.output()
+    output = receiver.output()
+    assert "Traceback" not in output
+    assert SECRET not in output
+    [start] = [r for r in receiver.log_records() if r["msg"] == "starting"]
+    assert start["port"] == receiver.port and start["host"] == "127.0.0.1"
+    assert start["outbox"] == str(receiver.outbox)
+    assert start["secret_source"] == "POSTLOAD_FIVETRAN_WEBHOOK_SECRET"
+    assert start["prefect_api"] == prefect_server
+
+
+def test_postload_receiver_reads_the_secret_block_when_the_variable_is_unset(
+    prefect_server: str, start_receiver: Callable[..., ReceiverProcess]
+) -> None:
+    name = f"test-fivetran-secret-{uuid.uuid4().hex[:8]}"
+    Secret(value=SECRET).save(name)
+    receiver = start_receiver(prefect_server, cli={"POSTLOAD_FIVETRAN_WEBHOOK_SECRET_BLOCK": name})
+
+    assert receiver.send(webhook(new_connector())).status_code == 202
+
+    assert receiver.stop() == 0, receiver.output()
+    [start] = [r for r in receiver.log_records() if r["msg"] == "starting"]
+    assert start["secret_source"] == f"Secret block {name!r}"
+
+
+def test_postload_receiver_without_a_secret_fails_naming_both_places(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    name = f"absent-secret-{uuid.uuid4().hex[:8]}"
+    env = {"PREFECT_API_URL": prefect_server, "POSTLOAD_FIVETRAN_WEBHOOK_SECRET_BLOCK": name}
+
+    result = run_cli(tmp_path, "receiver", "--port", str(free_port()), **env)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.startswith(
+        "error: no Fivetran webhook secret: POSTLOAD_FIVETRAN_WEBHOOK_SECRET is not set (or empty) "
+        f"and the Prefect Secret block {name!r} does not exist. Expected one of them:"
+    )
+    assert not (tmp_path / ".postload" / "receiver-outbox.sqlite3").exists()
+
+
+def test_postload_receiver_without_prefect_api_url_fails_clearly(tmp_path: Path) -> None:
+    result = run_cli(
+        tmp_path, "receiver", "--port", str(free_port()), POSTLOAD_FIVETRAN_WEBHOOK_SECRET=SECRET
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "error: PREFECT_API_URL is not set" in result.stderr
+    assert SECRET not in result.stdout + result.stderr

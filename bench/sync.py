@@ -1,0 +1,522 @@
+"""Webhook → dbt on the served stack: start latency (P1) and burst coalescing (P4).
+
+The real path, every part a separate process on loopback, as a user runs it:
+
+    signed POST ──> receiver (outbox) ──> Prefect API /events ──> trigger (prefect.yaml)
+        ──> flow run ──> `serve` runner (polls every --poll s) ──> subprocess ──> transform-on-sync
+        ──> warehouse watermarks ──> dbt build (PrefectDbtRunner) ──> first node starts
+
+* **latency** (P1): ``--events`` times, land a new ``events`` batch in the warehouse (what a
+  Fivetran sync does), post its signed ``sync_end`` and measure post → first dbt node start.
+  Broken down with the flow run's own timestamps: post → run created (receiver, forwarding,
+  trigger service), created → flow running (runner poll, subprocess start, engine), running →
+  first node (imports, settings, debounce, plan, dbt parse).
+* **burst** (P4): a generated dbt project with 20 sources (``stg_k`` per source, ``mart_k`` joins
+  sources k and k+1). For K = 1, 5, 20: land K sources, post K webhooks at once, wait until
+  every run is over, count dbt invocations (goal ≤ 2) and compare the models built with the union
+  of the K sources' downstream closures (goal: equal).
+
+The Prefect server is a ``prefect_test_harness`` subprocess (startup not timed). Nothing leaves
+the machine. Work files go to ``bench/.work/sync-*`` (removed unless ``--keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-sync-secret-3b1f"
+DEPLOYMENT = "transform-on-sync"
+READY_TIMEOUT = 120.0
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the postload home: pipeline config, dbt project, warehouse --------------------------------
+
+
+def demo_home(root: Path) -> Path:
+    """The demo project with every source fed by a (simulated) Fivetran connector."""
+    root.mkdir(parents=True)
+    config = yaml.safe_load((ROOT / "postload.yaml").read_text())
+    for source in config["sources"]:
+        source["loader"] = {"type": "fivetran", "connector_id": f"conn_{source['name']}"}
+    (root / "postload.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copytree(
+        ROOT / "dbt_project",
+        root / "dbt_project",
+        ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"),
+    )
+    return root
+
+
+def generated_home(root: Path, sources: int) -> Path:
+    """``sources`` sources s0..s{n-1}; ``stg_k`` reads s_k, ``mart_k`` joins stg_k and stg_k+1."""
+    project = root / "dbt_project"
+    models = project / "models"
+    models.mkdir(parents=True)
+    shutil.copy(ROOT / "dbt_project" / "profiles.yml", project / "profiles.yml")
+    (project / "dbt_project.yml").write_text(
+        "name: gen\nversion: '1.0.0'\nprofile: postload\nmodel-paths: [models]\n"
+        "flags: {send_anonymous_usage_stats: false}\n"
+        "models: {gen: {+materialized: view}}\n"
+    )
+    (models / "sources.yml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 2,
+                "sources": [
+                    {
+                        "name": f"s{k}",
+                        "schema": "raw",
+                        "loaded_at_field": "_loaded_at",
+                        "freshness": {"warn_after": {"count": 1, "period": "day"}},
+                        "tables": [{"name": f"t{k}"}],
+                    }
+                    for k in range(sources)
+                ],
+            }
+        )
+    )
+    for k in range(sources):
+        (models / f"stg_{k}.sql").write_text(
+            f"select cast(record->>'id' as bigint) as id, _loaded_at from {{{{ source('s{k}', 't{k}') }}}}\n"
+        )
+        nxt = (k + 1) % sources
+        (models / f"mart_{k}.sql").write_text(
+            "{{ config(materialized='table') }}\n"
+            f"select a.id, a._loaded_at from {{{{ ref('stg_{k}') }}}} a "
+            f"join {{{{ ref('stg_{nxt}') }}}} b using (id)\n"
+        )
+    config = {
+        "version": 1,
+        "raw_schema": "raw",
+        "ops_schema": "ops",
+        "sources": [
+            {
+                "name": f"s{k}",
+                "raw_table": f"t{k}",
+                "stage": f"s{k}",
+                "loader": {"type": "fivetran", "connector_id": f"conn_s{k}"},
+            }
+            for k in range(sources)
+        ],
+    }
+    (root / "postload.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def closure(chosen: list[int], sources: int) -> set[str]:
+    """Models downstream of the chosen sources in the generated project."""
+    out: set[str] = set()
+    for k in chosen:
+        out |= {f"stg_{k}", f"mart_{k}", f"mart_{(k - 1) % sources}"}
+    return out
+
+
+def land(home: Path, source: str, batch: int, *, generated: bool) -> None:
+    """What a Fivetran sync does: new rows in the raw table (through the DuckDB loader)."""
+    from postload.config import Settings
+    from postload.demo_data import write_demo_batch
+    from postload.warehouse._duckdb import DuckDBWarehouse
+
+    settings = Settings(project_dir=home)
+    stage = settings.stage_root_path
+    if generated:
+        folder = stage / source
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = (json.dumps({"id": batch * 1000 + i}) for i in range(20))
+        (folder / f"{source}_{batch:04d}.jsonl").write_text("\n".join(lines) + "\n")
+    else:
+        write_demo_batch(stage, source, batch)
+    pipeline = settings.load_pipeline()
+    warehouse = DuckDBWarehouse(settings.duckdb_file, stage, pipeline)
+    warehouse.ensure_schema()
+    with _writer(settings):
+        warehouse.load(pipeline.source(source), None)
+
+
+@contextmanager
+def _writer(settings: Any) -> Iterator[None]:
+    from postload.orchestration import warehouse_writer
+
+    with warehouse_writer(settings):
+        yield
+
+
+def query(home: Path, sql: str, params: list[Any] | None = None) -> list[tuple]:
+    con = duckdb.connect(str(home / ".postload" / "warehouse.duckdb"), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], work: Path) -> None:
+        self.log = work / f"{name}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.log.name} exited:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+RECEIVER = """
+import os
+from pathlib import Path
+from postload.receiver import serve
+serve("127.0.0.1", int(os.environ["BENCH_PORT"]), secret=os.environ["BENCH_SECRET"],
+      outbox_path=Path(os.environ["BENCH_OUTBOX"]), prefect_api_url=os.environ["PREFECT_API_URL"])
+"""
+
+SERVE = f"""
+from pathlib import Path
+from postload.stack import serve_deployments
+serve_deployments(Path("prefect.yaml"), only=["{DEPLOYMENT}"], with_schedules=False)
+"""
+
+
+@dataclass
+class Stack:
+    api_url: str
+    home: Path
+    receiver_url: str
+    deployment_id: uuid.UUID
+    procs: list[Proc]
+
+    def post(self, connector_id: str, status: str = "SUCCESSFUL") -> float:
+        body = json.dumps(
+            {
+                "event": "sync_end",
+                "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "connector_type": "postgres",
+                "connector_id": connector_id,
+                "connector_name": connector_id,
+                "sync_id": str(uuid.uuid4()),
+                "destination_group_id": "bench",
+                "data": {"status": status},
+            }
+        ).encode()
+        signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        posted = time.time()
+        response = httpx.post(
+            f"{self.receiver_url}/webhooks/fivetran",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Fivetran-Signature-256": signature},
+        )
+        response.raise_for_status()
+        return posted
+
+    def runs(self) -> list[Any]:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id]))
+            )
+
+    def settle(self, known: set[uuid.UUID], want_new: int, timeout: float = 300.0) -> list[Any]:
+        """Wait until at least ``want_new`` runs beyond ``known`` exist and all runs are final."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for proc in self.procs:
+                proc.alive()
+            runs = self.runs()
+            new = [r for r in runs if r.id not in known]
+            if len(new) >= want_new and all(r.state and r.state.is_final() for r in runs):
+                return new
+            if time.monotonic() > deadline:
+                states = [(str(r.id)[:8], r.state_name) for r in runs]
+                raise RuntimeError(f"runs did not settle in {timeout}s: {states}")
+            time.sleep(0.2)
+
+
+@contextmanager
+def served_stack(work: Path, home: Path, api_url: str, poll: float) -> Iterator[Stack]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "POSTLOAD_PROJECT_DIR": str(home),
+        "PREFECT_RUNNER_POLL_FREQUENCY": str(poll),
+        "BENCH_PORT": str(port),
+        "BENCH_SECRET": SECRET,
+        "BENCH_OUTBOX": str(work / "outbox.sqlite3"),
+    }
+    procs = [
+        Proc("receiver", [sys.executable, "-c", RECEIVER], env, work),
+        Proc("serve", [sys.executable, "-c", SERVE], env, work),
+    ]
+    try:
+        deployment_id = wait_for_deployment(procs)
+        receiver_url = f"http://127.0.0.1:{port}"
+        wait_healthy(receiver_url, procs)
+        yield Stack(api_url, home, receiver_url, deployment_id, procs)
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def wait_for_deployment(procs: list[Proc]) -> uuid.UUID:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    with get_client(sync_client=True) as client:
+        while True:
+            for proc in procs:
+                proc.alive()
+            try:
+                return client.read_deployment_by_name(f"{DEPLOYMENT}/{DEPLOYMENT}").id
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+
+def wait_healthy(url: str, procs: list[Proc]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        for proc in procs:
+            proc.alive()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("receiver not healthy")
+        time.sleep(0.1)
+
+
+def bootstrap(home: Path, sources: list[str], *, generated: bool) -> None:
+    """First load + build of everything, in this process, so later runs see only new data."""
+    from flows.transform_on_sync import transform_on_sync
+
+    for source in sources:
+        land(home, source, 1, generated=generated)
+    transform_on_sync(reason="sweep")
+
+
+# --- the two measurements --------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def first_node_started(home: Path, flow_run_id: uuid.UUID) -> datetime | None:
+    rows = query(
+        home,
+        "select min(started_at) from ops.dbt_run_results where flow_run_id = ?",
+        [str(flow_run_id)],
+    )
+    moment = rows[0][0] if rows else None
+    return moment.replace(tzinfo=UTC) if moment else None
+
+
+def latency(args: argparse.Namespace, work: Path, api_url: str) -> None:
+    home = demo_home(work / "demo")
+    os.environ["POSTLOAD_PROJECT_DIR"] = str(home)
+    os.environ["POSTLOAD_SYNC_DEBOUNCE_SECONDS"] = str(args.debounce)
+    bootstrap(home, ["customers", "orders", "events"], generated=False)
+    rows: list[dict[str, float]] = []
+    with served_stack(work, home, api_url, args.poll) as stack:
+        known = {r.id for r in stack.runs()}
+        for i in range(args.events):
+            land(home, "events", 100 + i, generated=False)
+            posted = stack.post("conn_events")
+            (run,) = stack.settle(known, 1)
+            known.add(run.id)
+            node = first_node_started(home, run.id)
+            if run.state_name != "Completed" or node is None:
+                raise RuntimeError(f"run {run.id} ended {run.state_name}, first node {node}")
+            rows.append(
+                {
+                    "created": run.created.timestamp() - posted,
+                    "running": run.start_time.timestamp() - run.created.timestamp(),
+                    "first_node": node.timestamp() - run.start_time.timestamp(),
+                    "total": node.timestamp() - posted,
+                }
+            )
+            print(
+                f"  event {i + 1:>2}: post→first dbt node {rows[-1]['total']:.2f} s "
+                f"(→created {rows[-1]['created']:.2f}, →running {rows[-1]['running']:.2f}, "
+                f"→node {rows[-1]['first_node']:.2f})",
+                flush=True,
+            )
+    print(
+        f"\nP1 webhook → first dbt node, {len(rows)} events, debounce {args.debounce} s, "
+        f"runner poll {args.poll} s"
+    )
+    print(f"  {'part':<44} {'p50 s':>7} {'p95 s':>7}")
+    for key, label in [
+        ("created", "post → flow run created (receiver+trigger)"),
+        ("running", "created → flow running (poll+subprocess)"),
+        ("first_node", "running → first dbt node (flow body+dbt)"),
+        ("total", "TOTAL post → first dbt node"),
+    ]:
+        values = [r[key] for r in rows]
+        print(f"  {label:<44} {statistics.median(values):>7.2f} {pct(values, 0.95):>7.2f}")
+    p50 = statistics.median(r["total"] for r in rows)
+    p95 = pct([r["total"] for r in rows], 0.95)
+    verdict = "met" if p50 <= 5 and p95 <= 10 else "MISSED"
+    print(f"  goal p50 ≤ 5 s, p95 ≤ 10 s: {verdict}")
+
+
+def burst(args: argparse.Namespace, work: Path, api_url: str) -> None:
+    sources = max(args.burst)
+    home = generated_home(work / "gen", sources)
+    os.environ["POSTLOAD_PROJECT_DIR"] = str(home)
+    os.environ["POSTLOAD_SYNC_DEBOUNCE_SECONDS"] = str(args.debounce)
+    names = [f"s{k}" for k in range(sources)]
+    bootstrap(home, names, generated=True)
+    results = []
+    with served_stack(work, home, api_url, args.poll) as stack:
+        known = {r.id for r in stack.runs()}
+        for round_no, k in enumerate(args.burst, start=2):
+            chosen = list(range(k))
+            for index in chosen:
+                land(home, f"s{index}", round_no, generated=True)
+            started = time.monotonic()
+            for index in chosen:
+                stack.post(f"conn_s{index}")
+            new = stack.settle(known, 1)
+            # a run may still be created after the others ended (the trigger lags): settle again
+            time.sleep(args.quiet)
+            new += [r for r in stack.settle(known | {r.id for r in new}, 0)]
+            known |= {r.id for r in new}
+            elapsed = time.monotonic() - started
+            ids = [str(r.id) for r in new]
+            marks = ",".join("?" * len(ids))
+            invocations = query(
+                home,
+                f"select count(distinct invocation_id) from ops.dbt_run_results "
+                f"where flow_run_id in ({marks})",
+                ids,
+            )[0][0]
+            built = {
+                name
+                for (name,) in query(
+                    home,
+                    f"select distinct name from ops.dbt_run_results where flow_run_id in ({marks}) "
+                    "and resource_type = 'model'",
+                    ids,
+                )
+            }
+            expected = closure(chosen, sources)
+            states: dict[str, int] = {}
+            for r in new:
+                states[r.state_name] = states.get(r.state_name, 0) + 1
+            results.append((k, len(new), states, invocations, built, expected, elapsed))
+            print(
+                f"  K={k}: {len(new)} runs {states}, {invocations} dbt invocations, "
+                f"{len(built)} models built / {len(expected)} in the union, {elapsed:.1f} s",
+                flush=True,
+            )
+    print(f"\nP4 burst coalescing (debounce {args.debounce} s)")
+    print(
+        f"  {'K':>3} {'runs':>5} {'dbt invocations':>16} {'built':>6} {'union':>6} "
+        f"{'missing':>8} {'extra':>6} {'goal':>7}"
+    )
+    for k, runs, _states, invocations, built, expected, _ in results:
+        ok = invocations <= 2 and built == expected
+        print(
+            f"  {k:>3} {runs:>5} {invocations:>16} {len(built):>6} {len(expected):>6} "
+            f"{len(expected - built):>8} {len(built - expected):>6} {'met' if ok else 'MISSED':>7}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["latency", "burst", "both"], default="both")
+    parser.add_argument("--events", type=int, default=20, help="latency samples (default 20)")
+    parser.add_argument("--burst", type=int, nargs="+", default=[1, 5, 20], help="K values")
+    parser.add_argument("--poll", type=float, default=1.0, help="runner poll seconds (default 1)")
+    parser.add_argument(
+        "--debounce",
+        type=float,
+        default=None,
+        help="POSTLOAD_SYNC_DEBOUNCE_SECONDS (default: the setting's default)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=3.0,
+        help="seconds without new runs before a burst counts as over",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if args.debounce is None:
+        from postload.config import Settings
+
+        args.debounce = Settings.model_fields["sync_debounce_seconds"].default
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    (ROOT / "bench" / ".work").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sync-", dir=ROOT / "bench" / ".work"))
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            from prefect.settings import PREFECT_API_URL
+
+            api_url = PREFECT_API_URL.value()
+            if args.mode in ("latency", "both"):
+                latency(args, work / "latency", api_url)
+            if args.mode in ("burst", "both"):
+                burst(args, work / "burst", api_url)
+    finally:
+        if args.keep:
+            print(f"work files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""transform-on-sync as users run it: signed webhooks → receiver → Prefect → trigger → served run.
+
+Every part is a real process on loopback: the session's Prefect test server, the webhook receiver
+and a ``serve`` runner for the ``transform-on-sync`` deployment built from ``prefect.yaml``
+(triggers, concurrency limit and collision strategy as written there). The home's sources are fed
+by simulated Fivetran connectors: a "sync" lands rows in the raw table, then its signed
+``sync_end`` webhook is posted. Assertions read the flow runs from the API and the dbt results
+the runs recorded in the warehouse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+
+from postload.config import Settings
+from postload.demo_data import write_demo_batch
+from postload.orchestration import warehouse_writer
+from postload.warehouse._duckdb import DuckDBWarehouse
+from tests.conftest import REPO, PostloadHome, sql
+from tests.test_receiver import free_port
+
+SECRET = "whsec-served-8c41d2"
+DEPLOYMENT = "transform-on-sync"
+START_TIMEOUT = 120.0
+SETTLE_TIMEOUT = 240.0
+
+RECEIVER = """
+import os
+from pathlib import Path
+from postload.receiver import serve
+serve("127.0.0.1", int(os.environ["TEST_RECEIVER_PORT"]), secret=os.environ["TEST_SECRET"],
+      outbox_path=Path(os.environ["TEST_OUTBOX"]), prefect_api_url=os.environ["PREFECT_API_URL"])
+"""
+
+SERVE = f"""
+from pathlib import Path
+from postload.stack import serve_deployments
+serve_deployments(Path("prefect.yaml"), only=["{DEPLOYMENT}"], with_schedules=False)
+"""
+
+ALL_MODELS = {
+    "stg_customers",
+    "stg_orders",
+    "stg_events",
+    "customer_orders",
+    "fct_orders",
+    "fct_daily_events",
+}
+
+
+@dataclass
+class ServedStack:
+    home: PostloadHome
+    receiver_url: str
+    deployment_id: uuid.UUID
+    procs: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+    seen: set[uuid.UUID] = field(default_factory=set)
+
+    def land(self, source: str, batch: int) -> None:
+        """A Fivetran sync's effect: new rows in the raw table (the embedded warehouse has one
+        writer at a time, so this waits while a transform holds it, as the flow runs would)."""
+        settings = Settings(project_dir=self.home.root)
+        write_demo_batch(self.home.stage, source, batch)
+        pipeline = settings.load_pipeline()
+        warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
+        with warehouse_writer(settings):
+            warehouse.ensure_schema()
+            assert warehouse.load(pipeline.source(source), None)
+
+    def post_sync_end(self, source: str, status: str = "SUCCESSFUL", sync_id: str | None = None):
+        body = json.dumps(
+            {
+                "event": "sync_end",
+                "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "connector_type": "postgres",
+                "connector_id": f"conn_{source}",
+                "connector_name": f"{source} db",
+                "sync_id": sync_id or str(uuid.uuid4()),
+                "destination_group_id": "warm_ambitious",
+                "data": {"status": status},
+            }
+        ).encode()
+        signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        response = httpx.post(
+            f"{self.receiver_url}/webhooks/fivetran",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Fivetran-Signature-256": signature},
+        )
+        assert response.status_code == 202, response.text
+        return json.loads(body)["sync_id"]
+
+    def runs(self) -> list[Any]:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id]))
+            )
+
+    def check_alive(self) -> None:
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                raise AssertionError(f"{log.name} exited {proc.returncode}:\n{log.read_text()}")
+
+    def wait_for(self, predicate, what: str, timeout: float = SETTLE_TIMEOUT) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                states = [(str(r.id)[:8], r.state_name) for r in self.runs()]
+                raise AssertionError(f"timed out waiting for {what}; runs: {states}")
+            time.sleep(0.2)
+
+    def settle(self, at_least: int) -> list[Any]:
+        """The runs created since the last settle, once there are enough and all are final."""
+
+        def done() -> list[Any] | None:
+            runs = self.runs()
+            new = [r for r in runs if r.id not in self.seen]
+            final = all(r.state is not None and r.state.is_final() for r in runs)
+            return new if len(new) >= at_least and final else None
+
+        new = self.wait_for(done, f"{at_least} new runs to finish")
+        self.seen |= {r.id for r in new}
+        return new
+
+
+def builds_of(home: PostloadHome, runs: list[Any]) -> list[dict[str, Any]]:
+    """One entry per dbt invocation the runs made: when it started and the models it built."""
+    ids = [str(r.id) for r in runs]
+    if not ids:
+        return []
+    rows = sql(
+        home,
+        f"select invocation_id, min(started_at), list(distinct name order by name) "
+        f"filter (where resource_type = 'model') from ops.dbt_run_results "
+        f"where flow_run_id in ({','.join('?' * len(ids))}) group by 1 order by 2",
+        ids,
+    )
+    return [{"invocation": i, "started": s, "models": set(m or [])} for i, s, m in rows]
+
+
+def transformed_sources(home: PostloadHome, runs: list[Any]) -> list[str]:
+    ids = [str(r.id) for r in runs]
+    rows = sql(
+        home,
+        f"select source from ops.transform_runs where flow_run_id in ({','.join('?' * len(ids))})",
+        ids,
+    )
+    return sorted(source for (source,) in rows)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
+    from tests.conftest import make_home
+
+    monkeypatch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("served")
+    home = make_home(root / "checkout", monkeypatch)
+    config = yaml.safe_load((home.root / "postload.yaml").read_text())
+    for source in config["sources"]:
+        source["loader"] = {"type": "fivetran", "connector_id": f"conn_{source['name']}"}
+    (home.root / "postload.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # The first sync of every source, built once: later runs see only what lands after.
+    from flows.transform_on_sync import transform_on_sync
+
+    for source in ("customers", "orders", "events"):
+        write_demo_batch(home.stage, source, 1)
+    settings = Settings()
+    pipeline = settings.load_pipeline()
+    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
+    warehouse.ensure_schema()
+    for source in pipeline.sources:
+        warehouse.load(source, None)
+    assert transform_on_sync(reason="sweep")["builds"]
+
+    port = free_port()
+    env = {
+        **os.environ,
+        **home.env,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "TEST_RECEIVER_PORT": str(port),
+        "TEST_SECRET": SECRET,
+        "TEST_OUTBOX": str(root / "outbox.sqlite3"),
+    }
+    procs, logs = [], []
+    for name, code in (("receiver", RECEIVER), ("serve", SERVE)):
+        log = root / f"{name}.log"
+        with log.open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=out
+                )
+            )
+        logs.append(log)
+    stack = ServedStack(home, f"http://127.0.0.1:{port}", uuid.uuid4(), procs, logs)
+    try:
+
+        def deployment() -> uuid.UUID | None:
+            with get_client(sync_client=True) as client:
+                try:
+                    return client.read_deployment_by_name(f"{DEPLOYMENT}/{DEPLOYMENT}").id
+                except Exception:
+                    return None
+
+        def receiver_up() -> bool:
+            try:
+                return httpx.get(f"{stack.receiver_url}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        stack.deployment_id = stack.wait_for(deployment, "the served deployment", START_TIMEOUT)
+        stack.wait_for(receiver_up, "the receiver", START_TIMEOUT)
+        stack.seen = {r.id for r in stack.runs()}
+        yield stack
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        monkeypatch.undo()
+
+
+def test_burst_of_syncs_with_redeliveries_is_at_most_two_builds_of_the_union(
+    served: ServedStack,
+) -> None:
+    for source in ("customers", "orders", "events"):
+        served.land(source, 2)
+    for source in ("customers", "orders", "events"):
+        sync_id = served.post_sync_end(source)
+        served.post_sync_end(source, sync_id=sync_id)  # Fivetran redelivers
+
+    runs = served.settle(at_least=1)
+    builds = builds_of(served.home, runs)
+    assert 1 <= len(builds) <= 2, builds
+    assert set().union(*(b["models"] for b in builds)) == ALL_MODELS
+    # every source transformed exactly once for this data, whatever the number of runs
+    assert transformed_sources(served.home, runs) == ["customers", "events", "orders"]
+    assert len(runs) <= 3, [(r.name, r.state_name) for r in runs]  # redeliveries made no run
+
+
+def test_syncs_during_a_run_get_one_follow_up_covering_them(served: ServedStack) -> None:
+    served.land("events", 3)
+    served.post_sync_end("events")
+
+    def transform_in_progress() -> bool:
+        new = [r.id for r in served.runs() if r.id not in served.seen]
+        if not new:
+            return False
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=new))
+            )
+        return any(t.name.startswith("transform") for t in tasks)
+
+    served.wait_for(transform_in_progress, "the events build to start")
+    # Fivetran syncs two more sources meanwhile; on the embedded warehouse their rows land when
+    # the running transform lets go of the file, then their webhooks arrive.
+    served.land("orders", 3)
+    served.land("customers", 3)
+    served.post_sync_end("orders")
+    served.post_sync_end("customers")
+
+    runs = served.settle(at_least=2)
+    builds = builds_of(served.home, runs)
+    assert [b["models"] for b in builds] == [
+        {"stg_events", "fct_daily_events"},
+        {"stg_orders", "stg_customers", "fct_orders", "customer_orders"},
+    ]
+    assert transformed_sources(served.home, runs) == ["customers", "events", "orders"]
+
+
+def test_failed_sync_runs_nothing(served: ServedStack) -> None:
+    failed = served.post_sync_end("orders", status="FAILURE_WITH_TASK")
+    # a later successful sync of another source: once its run is over, the failure was handled
+    served.land("events", 4)
+    served.post_sync_end("events")
+
+    runs = served.settle(at_least=1)
+    assert all(r.parameters.get("sync_id") != failed for r in runs)
+    assert all(r.parameters.get("connector_id") == "conn_events" for r in runs)
+    assert transformed_sources(served.home, runs) == ["events"]
+
+
+def test_lost_webhook_is_caught_by_the_next_run(served: ServedStack) -> None:
+    # A customers sync whose webhook never came is built by the next run, whatever woke it.
+    served.land("customers", 5)
+    served.land("events", 5)
+    served.post_sync_end("events")
+
+    runs = served.settle(at_least=1)
+    assert transformed_sources(served.home, runs) == ["customers", "events"]
+    assert len(builds_of(served.home, runs)) == 1

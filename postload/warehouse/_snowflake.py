@@ -29,6 +29,7 @@ from postload.warehouse._sql import (
     covered_sql,
     latest_loaded_sql,
     ops_ddl,
+    transform_history_sql,
     transform_rows,
 )
 from postload.warehouse._types import (
@@ -325,9 +326,18 @@ class SnowflakeWarehouse:
             )
         return {(schema, name) for schema, name in rows}
 
-    def watermarks(self, sources: list[SourceConfig]) -> dict[str, Watermark]:
+    def watermarks(
+        self, sources: list[SourceConfig], *, selection: str | None = None
+    ) -> dict[str, Watermark]:
         with self._session("watermarks") as connector:
-            covered = dict(connector.fetch_all(covered_sql(self.pipeline.ops_schema)))
+            if selection is None:
+                rows = connector.fetch_all(covered_sql(self.pipeline.ops_schema))
+            else:
+                rows = connector.fetch_all(
+                    covered_sql(self.pipeline.ops_schema, selection_param="%(selection)s"),
+                    {"selection": selection},
+                )
+            covered = dict(rows)
             result = {}
             for s in sources:
                 rows = connector.fetch_all(
@@ -335,6 +345,13 @@ class SnowflakeWarehouse:
                 )
                 result[s.name] = Watermark(rows[0][0] if rows else None, covered.get(s.name))
         return result
+
+    def transform_history(self, limit: int = 30) -> list[dict[str, Any]]:
+        with self._session("transform_history") as connector:
+            rows = connector.fetch_all(
+                transform_history_sql(self.pipeline.ops_schema, limit), cursor_type=DictCursor
+            )
+        return [{k.lower(): _plain(v) for k, v in row.items()} for row in rows]
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self._session(f"latest_load_at {source.name}") as connector:

@@ -172,9 +172,26 @@ def latest_loaded_sql(raw: str, table: str, loaded_at_field: str) -> str:
     )
 
 
-def covered_sql(ops: str) -> str:
-    """The newest load each source's successful transforms covered (failed ones do not count)."""
+def covered_sql(ops: str, *, selection_param: str | None = None) -> str:
+    """The newest load each source's successful transforms covered (failed ones do not count).
+
+    With ``selection_param`` (the driver's placeholder), only transforms of one selection count:
+    the full build's, for full-run-when-fresh.
+    """
+    only = f"and selection = {selection_param} " if selection_param else ""
     return (
         f"select source, max(covers_loaded_at) from {check_identifier(ops)}.transform_runs "
-        "where status in ('success', 'nothing_selected') group by source"
+        f"where status in ('success', 'nothing_selected') {only}group by source"
     )
+
+
+def transform_history_sql(ops: str, limit: int) -> str:
+    """The latest transforms that covered a load, oldest first, with how long the data waited."""
+    return f"""select source, completed_at,
+       datediff('second', covers_loaded_at, completed_at) / 60.0 as load_to_transform_minutes
+from (select source, completed_at, covers_loaded_at
+      from {check_identifier(ops)}.transform_runs
+      where covers_loaded_at is not null and status = 'success'
+      order by completed_at desc
+      limit {int(limit)}) recent
+order by completed_at"""

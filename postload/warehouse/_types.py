@@ -127,7 +127,14 @@ class Warehouse(Protocol):
     def relations(self) -> set[tuple[str, str]]:
         """(schema, name) of every table and view in the warehouse database, lower-cased."""
 
-    def watermarks(self, sources: list[SourceConfig]) -> dict[str, Watermark]:
+    def transform_history(self, limit: int = 30) -> list[dict[str, Any]]:
+        """The latest transforms that covered a load (source, completed_at,
+        load_to_transform_minutes), oldest first."""
+        ...
+
+    def watermarks(
+        self, sources: list[SourceConfig], *, selection: str | None = None
+    ) -> dict[str, Watermark]:
         """Per source: max of its loaded_at field, and the newest load a successful transform covered.
 
         The warehouse is the truth about what needs transforming; events only wake us up.

@@ -10,7 +10,7 @@ import pytest
 
 from postload.config import PipelineConfig
 from postload.warehouse import LoadStatus, StageNotFoundError, WarehouseUnavailableError
-from postload.warehouse._duckdb import DuckDBWarehouse, describe_json_error
+from postload.warehouse._duckdb import _CHECKPOINT_ROWS, DuckDBWarehouse, describe_json_error
 
 CONFIG = PipelineConfig.model_validate(
     {"sources": [{"name": "events", "raw_table": "events", "stage": "events"}]}
@@ -56,6 +56,67 @@ def test_malformed_lines_are_counted_and_the_rest_loaded(warehouse: DuckDBWareho
         "select source, file, status, rows_loaded, errors_seen, flow_run_id from ops.load_log",
     )
     assert log == [("events", "a.jsonl", "PARTIALLY_LOADED", 2, 3, "run-1")]
+
+
+def test_blank_and_padded_lines_load_trimmed_in_file_order(warehouse: DuckDBWarehouse) -> None:
+    """Blank lines are not parsed; CR, spaces and tabs around a line are not part of the record."""
+    stage(
+        warehouse,
+        "a.jsonl",
+        '{"id": 1}\r\n\n   \r\n\t{"id": 2} \n{"id": 3}\n\n{"id": 4}',  # no final newline
+    )
+    stage(warehouse, "empty.jsonl", "")
+    a, empty = warehouse.load(EVENTS, None)
+    assert (a.status, a.rows_parsed, a.rows_loaded) == (LoadStatus.LOADED, 4, 4)
+    assert a.first_error is None
+    assert (empty.status, empty.rows_parsed, empty.rows_loaded) == (LoadStatus.LOADED, 0, 0)
+    # No order by: rows come back in the order they were inserted, which must be the file's.
+    assert query(warehouse, "select record::varchar from raw.events") == [
+        ('{"id": 1}',),
+        ('{"id": 2}',),
+        ('{"id": 3}',),
+        ('{"id": 4}',),
+    ]
+
+
+def test_first_error_line_is_exact_far_into_a_file(warehouse: DuckDBWarehouse) -> None:
+    """The first bad line is looked for in the first lines, then in the whole file."""
+    good = "".join(f'{{"id": {i}}}\n' for i in range(12_000))
+    stage(warehouse, "late.jsonl", good + "oops\n" + '{"id": "x"}\n[1]\n')
+    stage(warehouse, "early.jsonl", '{"id": 0}\n\n[]\n' + good + "oops\n")
+    early, late = warehouse.load(EVENTS, None)
+    assert (early.first_error_line, early.rows_parsed, early.errors_seen) == (3, 12_003, 2)
+    assert early.first_error == "Expected a JSON object per line, got a list"
+    assert (late.first_error_line, late.rows_parsed, late.errors_seen) == (12_001, 12_003, 2)
+    assert late.status is LoadStatus.PARTIALLY_LOADED
+    assert query(warehouse, "select count(*) from raw.events") == [(24_002,)]
+
+
+def test_file_names_are_not_glob_patterns(warehouse: DuckDBWarehouse) -> None:
+    stage(warehouse, "a[1].jsonl", '{"id": "bracket"}\n')
+    stage(warehouse, "a1.jsonl", '{"id": "plain"}\n')
+    stage(warehouse, "b*.jsonl", '{"id": "star"}\n')
+    stage(warehouse, "b2.jsonl", '{"id": "two"}\n')
+    assert [r.rows_loaded for r in warehouse.load(EVENTS, None)] == [1, 1, 1, 1]
+    assert query(warehouse, "select _file, record->>'id' from raw.events order by 1") == [
+        ("a1.jsonl", "plain"),
+        ("a[1].jsonl", "bracket"),
+        ("b*.jsonl", "star"),
+        ("b2.jsonl", "two"),
+    ]
+
+
+def test_load_puts_duckdb_settings_back(warehouse: DuckDBWarehouse) -> None:
+    """One DuckDB thread, big files checkpointed at commit: database-wide settings, restored."""
+    stage(warehouse, "big.jsonl", "".join(f'{{"id": {i}}}\n' for i in range(_CHECKPOINT_ROWS)))
+    stage(warehouse, "small.jsonl", '{"id": 1}\n')
+    settings = "select current_setting('threads'), current_setting('checkpoint_threshold')"
+    # A second connection keeps the database (and its settings) open across the load.
+    with duckdb.connect(str(warehouse.path)) as held:
+        before = held.execute(settings).fetchone()
+        big, small = warehouse.load(EVENTS, None)
+        assert held.execute(settings).fetchone() == before
+    assert (big.rows_loaded, small.rows_loaded) == (_CHECKPOINT_ROWS, 1)
 
 
 def test_rerun_loads_nothing_twice(warehouse: DuckDBWarehouse) -> None:

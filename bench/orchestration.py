@@ -14,13 +14,16 @@ For the demo dbt project and for a generated project of ``--models`` models (def
   check (catalog query + manifest.json) is included. The flow call as a whole (flow run creation,
   state changes) is reported separately.
 
-A local Prefect server comes from ``prefect_test_harness`` (its startup is not timed). Demo data is
-loaded first (``write_demo_batch`` + ``DuckDBWarehouse.load`` for the three sources) and a full
-``dbt build`` warms each project up so every relation exists (plus, for the first project, one
-untimed run of each method to warm the process). Reported: medians, ratio postload/bare (goal
-<= 1.3), where the postload time goes (a few calls are wrapped with timers in this process only;
-postload code is not modified), how the overhead grows from the demo project to the generated
-one, and a candidate fix measured against bare in a second round.
+A local Prefect server comes from ``prefect_test_harness`` (its startup is not timed); it shares
+the machine's cores with the measured process. Every run starts once that server is idle (untimed:
+it records task runs from the previous run's events after the fact). Demo data is loaded first
+(``write_demo_batch`` + ``DuckDBWarehouse.load`` for the three sources) and a full ``dbt build``
+warms each project up so every relation exists (plus, for the first project, one untimed run of
+each method to warm the process). Reported: medians, ratio postload/bare (goal <= 1.3), where the
+postload time goes (a few calls are wrapped with timers in this process only; postload code is not
+modified), the CPU each run took in this process and in the Prefect server, how the overhead grows
+from the demo project to the generated one, and a candidate change measured against bare in a
+second round.
 
     .venv/bin/python bench/orchestration.py [--quick] [--models 200] [--repeats 3]
         [--gen-repeats 1] [--no-candidate] [--candidate-level warn] [--keep]
@@ -60,6 +63,12 @@ class Measured:
     task_runs: int | None = None
     seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
     flow_call: list[float] = field(default_factory=list)
+    # CPU seconds per run: this process during the call, and the Prefect server during the call
+    # plus until it went idle again (it records task runs from events, after the fact)
+    process_cpu: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    server_cpu: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    # prefect-dbt node task threads still alive when a postload flow call returned (should be 0)
+    leftover_threads: list[int] = field(default_factory=list)
     # runner and postload runs: seconds per timed call, one entry per run
     steps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # the candidate fix, measured against bare in a second round
@@ -80,12 +89,29 @@ class Measured:
         values = self.steps.get(method, {}).get(key, [])
         return statistics.median(values) if values else 0.0
 
+    def cpu(self, kind: str, method: str) -> float | None:
+        values = (self.process_cpu if kind == "process" else self.server_cpu)[method]
+        return statistics.median(values) if values else None
+
+
+@dataclass
+class Run:
+    seconds: float
+    nodes: int
+    steps: dict[str, float]
+    call: float
+    process_cpu: float
+    server_cpu: float | None
+    leftover_threads: int
+
 
 class CallTimer:
     """Sums the time spent in a few functions of postload, prefect-dbt and dbt, in this process.
 
     The functions are wrapped (not changed); time is only recorded inside ``collect()``.
     ``PrefectDbtRunner._call_task`` runs in prefect-dbt's callback thread, concurrently with dbt.
+    ``PrefectDbtRunner.invoke`` is prefect-dbt's own; postload's subclass waits for the node task
+    threads (``_NodeTasks.finish``) after it.
     """
 
     def __init__(self) -> None:
@@ -95,10 +121,11 @@ class CallTimer:
         from dbt.cli.main import dbtRunner
         from prefect_dbt.core.runner import PrefectDbtRunner
 
-        from postload.dbt._core import CoreDbtRunner
+        from postload.dbt._core import CoreDbtRunner, _NodeTasks
 
         self._wrap(CoreDbtRunner, "missing_parents", "missing_parents")
         self._wrap(PrefectDbtRunner, "invoke", "prefect_invoke")
+        self._wrap(_NodeTasks, "finish", "node_tasks_finish")
         self._wrap(PrefectDbtRunner, "_call_task", "call_task")
         self._wrap(dbtRunner, "invoke", "dbt_invoke")
 
@@ -133,10 +160,10 @@ class CallTimer:
 
 @contextmanager
 def runner_log_level(level: str) -> Iterator[None]:
-    """Candidate fix, in this process only: give prefect-dbt a log level for dbt's events.
+    """Candidate, in this process only: give prefect-dbt a log level for dbt's events.
 
-    prefect-dbt forwards every dbt event at or above its log level to Prefect's logger; for
-    events without a node (run-level lines) it rebuilds the whole Prefect context first.
+    prefect-dbt forwards every dbt event at or above its log level (Prefect's, INFO) to the run's
+    logs; the candidate round shows what that forwarding costs.
     """
     from dbt_common.events.base_types import EventLevel
 
@@ -320,16 +347,63 @@ def count_task_runs(flow_run_id: str, expected: int, wait_s: float = 15.0) -> in
 # --------------------------------------------------------------------------- the run
 
 
-def settle(timeout_s: float = 60.0) -> None:
-    """Wait (untimed) for prefect-dbt's per-node task threads to finish their task runs.
+def leftover_node_threads(timeout_s: float = 60.0) -> int:
+    """prefect-dbt node task threads still alive after a flow call; waits (untimed) for them.
 
-    They are daemon threads the flow does not wait for; left running they would compete with the
-    next timed run, and at the end they would report to a server that is gone.
+    postload's runner joins them before a build returns, so this should find none. Left running
+    they would compete with the next timed run and report to a server that is gone at the end.
     """
+    from postload.dbt._core import NODE_TASK_THREAD_PREFIX
+
     deadline = time.monotonic() + timeout_s
-    for thread in threading.enumerate():
-        if thread.name.endswith("(run_task)"):
-            thread.join(max(0.0, deadline - time.monotonic()))
+    leftover = [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(NODE_TASK_THREAD_PREFIX) or t.name.endswith("(run_task)")
+    ]
+    for thread in leftover:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return len(leftover)
+
+
+def server_pids() -> list[int]:
+    """The Prefect test server: uvicorn subprocesses of this process (Linux /proc only)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == os.getpid() and b"uvicorn" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of the given processes so far; None when /proc is unavailable."""
+    if not pids:
+        return None
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def wait_until_idle(pids: list[int], timeout_s: float = 90.0) -> None:
+    """Wait (untimed) until the server's CPU use stops: it records task runs from events after
+    the flow call returned, and that backlog must not slow down whichever run comes next."""
+    deadline = time.monotonic() + timeout_s
+    last = cpu_seconds(pids)
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(pids)
+        if now is None or now - last < 0.05:
+            return
+        last = now
 
 
 class Bench:
@@ -341,16 +415,21 @@ class Bench:
         self.timer = CallTimer()
         self.flow: Any = None
         self.last_flow_run = ""
+        self.server: list[int] = []
 
     def start(self) -> None:
         self.timer.install()
         self.flow = make_flow()
+        self.server = server_pids()
 
-    def run_method(self, method: str, project: Path, label: str) -> tuple[float, int, dict, float]:
+    def run_method(self, method: str, project: Path, label: str) -> Run:
         # One target dir per project, shared by the methods: each run finds the same partial-parse
         # state and manifest.json, whichever method ran before it.
         target = self.work / f"target-{label}"
+        wait_until_idle(self.server)
+        server_before = cpu_seconds(self.server)
         with self.timer.collect() as steps:
+            cpu_started = time.process_time()
             call_started = time.perf_counter()
             if method == "bare":
                 seconds, nodes = bare_build(project, target)
@@ -367,9 +446,14 @@ class Bench:
                 seconds, nodes = out["seconds"], out["nodes"]
                 self.last_flow_run = str(out["flow_run_id"])
             call = time.perf_counter() - call_started
-        if method == "postload":
-            settle()
-        return seconds, nodes, steps, call
+            process_cpu = time.process_time() - cpu_started
+        leftover = leftover_node_threads() if method == "postload" else 0
+        wait_until_idle(self.server)
+        server_after = cpu_seconds(self.server)
+        server_cpu = (
+            None if server_before is None or server_after is None else server_after - server_before
+        )
+        return Run(seconds, nodes, steps, call, process_cpu, server_cpu, leftover)
 
     def measure(self, label: str, project: Path, repeats: int, warm_methods: bool) -> Measured:
         """``repeats`` runs of each method; ``warm_methods``: one untimed run of each first
@@ -381,7 +465,7 @@ class Bench:
         )
         bare_build(project, self.work / f"target-{label}", select=None)
         if warm_methods:
-            first = {m: self.run_method(m, project, label)[0] for m in METHODS}
+            first = {m: self.run_method(m, project, label).seconds for m in METHODS}
             runs = ", ".join(f"{m} {seconds:.2f}s" for m, seconds in first.items())
             # A flow-run process pays this once: prefect-dbt's threads hydrate a flow-run context,
             # which imports every installed Prefect collection (prefect-snowflake, ...).
@@ -390,15 +474,21 @@ class Bench:
         for rep in range(repeats):
             k = rep % len(METHODS)
             for method in METHODS[k:] + METHODS[:k]:
-                seconds, nodes, steps, call = self.run_method(method, project, label)
-                result.seconds[method].append(seconds)
+                run = self.run_method(method, project, label)
+                result.seconds[method].append(run.seconds)
+                result.process_cpu[method].append(run.process_cpu)
+                if run.server_cpu is not None:
+                    result.server_cpu[method].append(run.server_cpu)
                 if method == "postload":
-                    result.flow_call.append(call)
-                for key, value in steps.items():
+                    result.flow_call.append(run.call)
+                    result.leftover_threads.append(run.leftover_threads)
+                for key, value in run.steps.items():
                     result.steps.setdefault(method, {}).setdefault(key, []).append(value)
-                if result.nodes not in (0, nodes):
-                    raise RuntimeError(f"{label}: {method} ran {nodes} nodes, not {result.nodes}")
-                result.nodes = nodes
+                if result.nodes not in (0, run.nodes):
+                    raise RuntimeError(
+                        f"{label}: {method} ran {run.nodes} nodes, not {result.nodes}"
+                    )
+                result.nodes = run.nodes
             runs = ", ".join(f"{m} {result.seconds[m][-1]:.2f}s" for m in METHODS)
             print(f"[{label}] repeat {rep + 1}/{repeats}: {runs}", flush=True)
         if self.candidate_level:
@@ -415,7 +505,7 @@ class Bench:
             for rep in range(repeats):
                 methods = ["bare", "postload"] if rep % 2 == 0 else ["postload", "bare"]
                 for method in methods:
-                    seconds, _nodes, _, _ = self.run_method(method, project, label)
+                    seconds = self.run_method(method, project, label).seconds
                     result.candidate["bare" if method == "bare" else name].append(seconds)
         runs = ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in result.candidate.items())
         print(f"[{label}] candidate fix: {runs}", flush=True)
@@ -468,8 +558,14 @@ def breakdown(results: list[Measured]) -> None:
         "dbt itself (dbtRunner.invoke)": lambda r, m: r.step(m, "dbt_invoke"),
         "  same, bare (for comparison)": lambda r, m: r.median("bare"),
         "  task creation (_call_task, concurrent with dbt)": lambda r, m: r.step(m, "call_task"),
+        "node task runs ending after that (postload joins them)": lambda r, m: r.step(
+            m, "node_tasks_finish"
+        ),
         "rest of CoreDbtRunner.build (node results)": lambda r, m: (
-            r.median(m) - r.step(m, "missing_parents") - r.step(m, "prefect_invoke")
+            r.median(m)
+            - r.step(m, "missing_parents")
+            - r.step(m, "prefect_invoke")
+            - r.step(m, "node_tasks_finish")
         ),
     }
     rows = []
@@ -479,6 +575,27 @@ def breakdown(results: list[Measured]) -> None:
             row += [f"{fn(r, m):.2f}" for m in ("runner", "postload")]
         rows.append(row)
     print_table(header, rows)
+
+    print("\n== CPU per run (median seconds) ==")
+    rows = []
+    for r in results:
+        for m in METHODS:
+            process, server = r.cpu("process", m), r.cpu("server", m)
+            rows.append(
+                [
+                    r.project,
+                    m,
+                    f"{r.median(m):.2f}",
+                    "?" if process is None else f"{process:.2f}",
+                    "?" if server is None else f"{server:.2f}",
+                ]
+            )
+    print_table(["project", "method", "wall s", "this process s", "Prefect server s"], rows)
+    print(
+        "this process: all its threads during the call; Prefect server: the local test server\n"
+        "(same 2 cores) from the call until it is idle again — it records task runs, assets and\n"
+        "logs from the events and log batches the run sent."
+    )
 
 
 def report(results: list[Measured]) -> None:
@@ -524,6 +641,12 @@ def report(results: list[Measured]) -> None:
     for r in results:
         for m in METHODS:
             print(f"  {r.project} {m} runs: {' '.join(f'{s:.2f}' for s in r.seconds[m])}")
+    for r in results:
+        left = max(r.leftover_threads, default=0)
+        print(
+            f"  {r.project}: node task threads alive after a postload flow call: "
+            f"{left} at most" + ("" if left == 0 else " (they outlive the build: a regression)")
+        )
     breakdown(results)
     if any(r.candidate for r in results):
         print(

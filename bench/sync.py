@@ -205,19 +205,7 @@ class Proc:
                 self.proc.wait()
 
 
-RECEIVER = """
-import os
-from pathlib import Path
-from postload.receiver import serve
-serve("127.0.0.1", int(os.environ["BENCH_PORT"]), secret=os.environ["BENCH_SECRET"],
-      outbox_path=Path(os.environ["BENCH_OUTBOX"]), prefect_api_url=os.environ["PREFECT_API_URL"])
-"""
-
-SERVE = f"""
-from pathlib import Path
-from postload.stack import serve_deployments
-serve_deployments(Path("prefect.yaml"), only=["{DEPLOYMENT}"], with_schedules=False)
-"""
+POSTLOAD = str(Path(sys.executable).with_name("postload"))
 
 
 @dataclass
@@ -284,13 +272,11 @@ def served_stack(work: Path, home: Path, api_url: str, poll: float) -> Iterator[
         "PREFECT_API_URL": api_url,
         "POSTLOAD_PROJECT_DIR": str(home),
         "PREFECT_RUNNER_POLL_FREQUENCY": str(poll),
-        "BENCH_PORT": str(port),
-        "BENCH_SECRET": SECRET,
-        "BENCH_OUTBOX": str(work / "outbox.sqlite3"),
+        "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": SECRET,
     }
     procs = [
-        Proc("receiver", [sys.executable, "-c", RECEIVER], env, work),
-        Proc("serve", [sys.executable, "-c", SERVE], env, work),
+        Proc("receiver", [POSTLOAD, "receiver", "--port", str(port)], env, work),
+        Proc("serve", [POSTLOAD, "serve", "--only", DEPLOYMENT, "--no-schedules"], env, work),
     ]
     try:
         deployment_id = wait_for_deployment(procs)

@@ -25,8 +25,8 @@ from postload.orchestration import (
 )
 from postload.pipeline import (
     LoadVerdict,
+    publish_status,
     rejects_table,
-    status_table,
     transform_record,
     verify_load,
 )
@@ -87,13 +87,7 @@ def transform(runner: DbtRunner, source: SourceConfig, cause: str) -> DbtBuildRe
 
 @task(name="report-status", cache_policy=NO_CACHE)
 def report(warehouse: Warehouse) -> list[dict[str, Any]]:
-    table = status_table(warehouse.pipeline_status())
-    create_table_artifact(
-        key="pipeline-status",
-        table=table,
-        description=f"postload pipeline status ({warehouse.kind}: {warehouse.location})",
-    )
-    return table
+    return publish_status(warehouse)
 
 
 @flow(name="load-and-transform")

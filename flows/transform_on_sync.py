@@ -20,7 +20,7 @@ from postload.config import PipelineConfig, Settings
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
 from postload.dbt._core import CoreDbtRunner
 from postload.orchestration import current_flow_run_id, retry_options, warehouse_writer
-from postload.pipeline import transform_record
+from postload.pipeline import publish_status, transform_record
 from postload.sync import TransformPlan, plan_transform
 from postload.warehouse import Warehouse, open_warehouse, utcnow
 
@@ -89,6 +89,8 @@ def transform_on_sync(
             )
             if build.status == "error":
                 raise DbtBuildError(build)
+        if builds:
+            publish_status(warehouse)
     create_markdown_artifact(
         key="transform-on-sync",
         markdown="\n".join(

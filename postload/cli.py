@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,10 @@ app = typer.Typer(
 )
 blocks_app = typer.Typer(help="Prefect blocks for the production parts.", no_args_is_help=True)
 app.add_typer(blocks_app, name="blocks")
+automations_app = typer.Typer(
+    help="Prefect automations that announce failures.", no_args_is_help=True
+)
+app.add_typer(automations_app, name="automations")
 
 SourceArg = Annotated[str, typer.Argument(help="a source name from the pipeline config")]
 SourceOrConnectorArg = Annotated[
@@ -200,6 +205,66 @@ def cloud_webhook_template() -> None:
     from postload.fivetran import cloud_webhook_template as template
 
     typer.echo(template(), nl=False)
+
+
+@app.command()
+def serve(
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="serve only this deployment (repeatable)"),
+    ] = None,
+    schedules: Annotated[
+        bool, typer.Option(help="keep the schedules from prefect.yaml (the hourly load, sweeps)")
+    ] = True,
+    prefect_yaml: Annotated[
+        Path, typer.Option(help="the deployments file; entrypoints are relative to its folder")
+    ] = Path("prefect.yaml"),
+) -> None:
+    """Run the deployments of prefect.yaml from this checkout (a Prefect runner; needs
+    PREFECT_API_URL): their triggers, schedules and concurrency limits, as `prefect deploy`
+    would create them for a work pool."""
+    from prefect.settings import PREFECT_API_URL
+
+    from postload.stack import serve_deployments
+
+    if not PREFECT_API_URL.value():
+        raise _fail(
+            "PREFECT_API_URL is not set: `postload serve` needs a running Prefect server "
+            "(e.g. `prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api)"
+        )
+    if not prefect_yaml.is_file():
+        raise _fail(
+            f"{prefect_yaml}: not found (run from the postload checkout or pass --prefect-yaml)"
+        )
+    try:
+        serve_deployments(prefect_yaml, only=only, with_schedules=schedules)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+@automations_app.command("apply")
+def automations_apply() -> None:
+    """Create or update the failure-notification automations (idempotent; needs the
+    postload-slack block from `postload blocks register`)."""
+    from prefect.blocks.core import Block
+
+    from postload.alerts import apply_automations
+    from postload.blocks import PAGERDUTY_BLOCK, SLACK_BLOCK
+
+    def block_id(name: str, slug: str):
+        try:
+            return Block.load(f"{slug}/{name}")._block_document_id
+        except ValueError:
+            return None
+
+    slack = block_id(SLACK_BLOCK, "custom-webhook")
+    if slack is None:
+        raise _fail(
+            f"no notification block {SLACK_BLOCK!r}: set SLACK_WEBHOOK_URL and run "
+            "`postload blocks register` first"
+        )
+    for applied in apply_automations(slack, block_id(PAGERDUTY_BLOCK, "pager-duty-webhook")):
+        typer.echo(f"  {applied.name:<28} {applied.action} ({applied.id})")
 
 
 @blocks_app.command("register")

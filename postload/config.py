@@ -344,6 +344,8 @@ class Settings(BaseSettings):
     retries: int = Field(3, ge=0, le=20)
     retry_backoff_seconds: float = Field(5.0, ge=0)
     retry_jitter_factor: float = Field(0.5, ge=0)
+    # dbt node failures (Core): `dbt retry` attempts of the failed nodes and their children
+    dbt_node_retries: int = Field(default=1, ge=0, le=10)
 
     receiver_host: str = Field("127.0.0.1", min_length=1, description="the receiver's bind address")
     receiver_port: int = Field(8787, ge=1, le=65535)

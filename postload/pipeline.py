@@ -163,3 +163,68 @@ def render_text_table(rows: list[dict[str, Any]]) -> str:
     rule = "  ".join("-" * w for w in widths)
     body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join([line, rule, *body])
+
+
+def freshness_markdown(decision: Any) -> str:  # decision: postload.freshness.FullRunDecision
+    """The full-run decision as a table a person reads: who is fresh, who is waited for."""
+    lines = [
+        f"## Full build: {'running' if decision.run else 'not now'}",
+        "",
+        decision.reason,
+        "",
+        "| source | last load | age | allowed staleness | state | past deadline |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in decision.sources:
+        loaded = s.latest_loaded_at.strftime("%Y-%m-%d %H:%M:%S") if s.latest_loaded_at else "never"
+        age = str(s.age).split(".")[0] if s.age is not None else "-"
+        state = "fresh" if s.fresh else "**stale**"
+        lines.append(
+            f"| {s.name} | {loaded} | {age} | {s.stale_after} | {state} | "
+            f"{'**yes**' if s.past_deadline else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+_BAR_WIDTH = 40
+
+
+def latency_chart_markdown(history: list[dict[str, Any]]) -> str:
+    """Load-to-transform latency of the last transforms as a bar chart (oldest first).
+
+    ``history`` rows: ``source``, ``completed_at``, ``load_to_transform_minutes``. Markdown
+    artifacts render in the Prefect UI without any plotting library; a fixed-width bar per run
+    shows the trend at a glance, and the numbers are there for anyone who wants them.
+    """
+    rows = [r for r in history if r.get("load_to_transform_minutes") is not None]
+    if not rows:
+        return "## Load → transform latency\n\nNo transform has covered a load yet."
+    longest = max(float(r["load_to_transform_minutes"]) for r in rows) or 1.0
+    lines = ["## Load → transform latency (minutes, last runs)", "", "```"]
+    for r in rows:
+        minutes = float(r["load_to_transform_minutes"])
+        bar = "█" * max(1, round(_BAR_WIDTH * minutes / longest))
+        when = r["completed_at"].strftime("%m-%d %H:%M") if r.get("completed_at") else "?"
+        lines.append(f"{when} {r['source'][:12]:<12} {bar} {minutes:.2f}")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def publish_status(
+    warehouse: Any,
+) -> list[dict[str, Any]]:  # warehouse: postload.warehouse.Warehouse
+    """After every transform: the pipeline-status table and the latency chart, as artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    table = status_table(warehouse.pipeline_status())
+    create_table_artifact(
+        key="pipeline-status",
+        table=table,
+        description=f"postload pipeline status ({warehouse.kind}: {warehouse.location})",
+    )
+    create_markdown_artifact(
+        key="load-to-transform",
+        markdown=latency_chart_markdown(warehouse.transform_history(limit=30)),
+        description="load-to-transform latency of the latest transforms",
+    )
+    return table

@@ -30,6 +30,8 @@ class DbtBuildResult:
     run_id: int | None = None
     run_url: str | None = None
     message: str | None = None
+    # Core: the unique ids each `dbt retry` attempt re-ran (empty when nothing was retried)
+    retried: list[list[str]] = field(default_factory=list)
 
     @property
     def failed_nodes(self) -> list[NodeResult]:
@@ -90,4 +92,6 @@ def open_dbt_runner(
         project_dir=settings.dbt_project_path,
         duckdb_path=settings.duckdb_file,
         existing_relations=existing_relations,
+        node_retries=settings.dbt_node_retries,
+        node_retry_delay_seconds=settings.retry_backoff_seconds,
     )

@@ -6,18 +6,38 @@ benchmarks, ``postload plan``) the same runner just runs dbt.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from dbt.artifacts.schemas.results import RunStatus, TestStatus
 from dbt.cli.main import dbtRunner
 from dbt.contracts.results import RunExecutionResult
+from dbt_common.events.base_types import EventLevel, EventMsg
+from prefect import get_client
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import State
+from prefect.context import SettingsContext, hydrated_context
+from prefect.settings import get_current_settings
+from prefect.task_engine import run_task_sync
+from prefect.tasks import Task
+from prefect.utilities.templating import (
+    PLACEHOLDER_CAPTURE_REGEX,
+    PlaceholderType,
+    determine_placeholder_type,
+)
 from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
+from prefect_dbt.core._tracker import NodeTaskTracker
 
 from postload.config import Selection
 from postload.dbt import DbtBuildResult, NodeResult
@@ -25,6 +45,13 @@ from postload.dbt import DbtBuildResult, NodeResult
 # The checked-in profiles.yml reads the warehouse path from this variable — the same one Settings
 # reads — so users can run plain `dbt` against the same file by exporting it.
 DUCKDB_PATH_ENV = "POSTLOAD_DUCKDB_PATH"
+
+# How long invoke() waits for the per-node task runs to record their final state once dbt is done.
+# They only have their end state left to report by then; the bound is for a Prefect API that hangs.
+NODE_TASKS_TIMEOUT_S = 120.0
+NODE_TASK_THREAD_PREFIX = "prefect-dbt-node"
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -64,6 +91,181 @@ def release_duckdb_file() -> None:
         env.close()
 
 
+class _NodeTasks(NodeTaskTracker):
+    """prefect-dbt's per-node task bookkeeping, with the task threads kept, joined and cheap.
+
+    prefect-dbt 0.7.25 starts one daemon thread per dbt node and never joins it, so its task runs
+    may still be reporting their end state when ``invoke()`` returns, when the flow ends, and when
+    the interpreter exits; a daemon thread caught in finalization aborted processes with
+    "FATAL: exception not rethrown" after their flow had completed. ``run_task_in_thread`` is the
+    upstream body (``prefect_dbt/core/_tracker.py``) plus the thread handle, so ``finish`` can
+    wait for them, and run in a copy of the invoking thread's context variables, as Prefect's own
+    ``ThreadPoolTaskRunner`` runs its threads: the thread then finds the flow run's API client
+    instead of building two or three of its own (each loads the CA bundle, ~30 ms of CPU).
+    """
+
+    def __init__(self, run_context: contextvars.Context) -> None:
+        super().__init__()
+        self.run_context = run_context
+        self._threads: list[threading.Thread] = []
+
+    def run_task_in_thread(
+        self,
+        node_id: str,
+        task: Task[Any, Any],
+        task_run_id: UUID,
+        parameters: dict[str, Any],
+        context: dict[str, Any],
+    ) -> None:
+        def run_task() -> None:
+            with hydrated_context(context):
+                states: list[State] = [
+                    state
+                    for dep_id in self.get_node_dependencies(node_id)
+                    if (state := self.get_task_result(dep_id))
+                ]
+                state = run_task_sync(
+                    task,
+                    task_run_id=task_run_id,
+                    parameters=parameters,
+                    wait_for=states,
+                    context=context,
+                    return_type="state",
+                )
+                self.set_task_result(node_id, state or None)
+
+        # Still a daemon: a wedged Prefect API must not keep the process alive forever.
+        thread = threading.Thread(
+            target=self.run_context.copy().run,
+            args=(run_task,),
+            name=f"{NODE_TASK_THREAD_PREFIX} {node_id}",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def finish(self, timeout_s: float) -> list[str]:
+        """Let every node task end and wait for its thread; the nodes still running after timeout_s.
+
+        Called once dbt returned and prefect-dbt drained its callback queue, so every NodeFinished
+        has been handed over. A node dbt started but never finished (it can skip one after its
+        NodeStart when an upstream node fails, prefect-dbt issue
+        https://github.com/PrefectHQ/prefect/issues/20199) would leave its task waiting forever.
+        """
+        for node_id in list(self._node_events):
+            if not self.is_node_complete(node_id):
+                self.set_node_status(
+                    node_id,
+                    {"node_info": {"node_status": "skipped"}},
+                    "dbt reported this node starting but not finishing",
+                )
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [t.name for t in self._threads if t.is_alive()]
+
+
+class _LiveSettingsContext(SettingsContext):
+    """The current Prefect settings, serialized as the live objects rather than as a dict.
+
+    prefect-dbt serializes the run context at the start of every ``invoke()`` (dumping all of
+    Prefect's settings: ~40 ms) and hydrates it again for every node task (twice: in its thread
+    and in ``run_task_sync``) and for every dbt log line without a node. Hydrating a dict rebuilds
+    ``Settings`` through pydantic-settings for ~50 nested models (environment, .env,
+    pyproject.toml): ~0.15 s of CPU each time, ~0.3 s per dbt node, which on 2 cores starved dbt
+    itself. An instance passes pydantic validation as is, so every thread shares the settings
+    the run already has: the same values, not re-read. Upstream knows the cost of rebuilding
+    them: https://github.com/PrefectHQ/prefect/pull/20853 (caches a process-pool worker's
+    SettingsContext; not in prefect 3.9.1).
+    """
+
+    def serialize(self, include_secrets: bool = True) -> dict[str, Any]:
+        return {"profile": self.profile, "settings": self.settings}
+
+
+class _DbtSettings(PrefectDbtSettings):
+    @contextmanager
+    def resolve_profiles_yml(self) -> Iterator[str]:
+        """profiles.yml as is when it has no Prefect block or variable to resolve.
+
+        prefect-dbt resolves ``{{ prefect.blocks... }}`` / ``{{ prefect.variables... }}``
+        placeholders and ``$ref`` block references into a temporary copy on every invocation,
+        through two API clients of its own (~70 ms), also when there is nothing to resolve; any
+        other text (dbt's own ``env_var``) it leaves alone.
+        """
+        text = (self.profiles_dir / "profiles.yml").read_text(encoding="utf-8")
+        prefect_types = (PlaceholderType.BLOCK_DOCUMENT, PlaceholderType.VARIABLE)
+        if "$ref" in text or any(
+            determine_placeholder_type(name) in prefect_types
+            for _, name in PLACEHOLDER_CAPTURE_REGEX.findall(text)
+        ):
+            with super().resolve_profiles_yml() as resolved:
+                yield resolved
+        else:
+            yield str(self.profiles_dir)
+
+
+@functools.cache
+def _unused_client(api_url: str | None) -> PrefectClient:
+    """prefect-dbt 0.7.25 builds a PrefectClient per runner and never uses it; building one loads
+    the CA bundle (~35 ms), so runners get this one, built once per API URL and never opened."""
+    return get_client()
+
+
+class _NodeTaskDbtRunner(PrefectDbtRunner):
+    """``PrefectDbtRunner`` whose node tasks are cheap to start and done when ``invoke()`` returns.
+
+    Each dbt node still becomes a Prefect task with its asset lineage, from the same run context;
+    only what (de)serializing that context costs and when the task threads are waited for differ
+    (see ``_LiveSettingsContext`` and ``_NodeTasks``).
+    """
+
+    _node_tasks: _NodeTasks | None = None
+
+    def _create_unified_callback(
+        self,
+        task_state: NodeTaskTracker,
+        log_level: EventLevel,
+        context: dict[str, Any],
+        add_test_edges: bool = False,
+        create_tasks_for_nodes: bool = True,
+    ) -> Callable[[EventMsg], None]:
+        # Called by invoke() in the flow (or task) run's thread, before it starts the callback
+        # thread; its tracker exists only to be handed over here, ours replaces it.
+        self._node_tasks = _NodeTasks(contextvars.copy_context())
+        return super()._create_unified_callback(
+            self._node_tasks,
+            log_level,
+            context,
+            add_test_edges=add_test_edges,
+            create_tasks_for_nodes=create_tasks_for_nodes,
+        )
+
+    def _callback_worker(self) -> None:
+        # The callback thread hydrates the run context for every dbt log line without a node:
+        # in the run's context variables that reuses the flow run's API client (see _NodeTasks).
+        if (node_tasks := self._node_tasks) is None:
+            return super()._callback_worker()
+        return node_tasks.run_context.copy().run(super()._callback_worker)
+
+    def invoke(self, args: list[str], **kwargs: Any) -> Any:
+        try:
+            if (live := SettingsContext.get()) is None:
+                return super().invoke(args, **kwargs)
+            with _LiveSettingsContext(profile=live.profile, settings=live.settings):
+                return super().invoke(args, **kwargs)
+        finally:
+            if (node_tasks := self._node_tasks) is not None:
+                self._node_tasks = None
+                if still_running := node_tasks.finish(NODE_TASKS_TIMEOUT_S):
+                    logger.warning(
+                        "%d dbt node task(s) still reporting to Prefect after %.0f s: %s",
+                        len(still_running),
+                        NODE_TASKS_TIMEOUT_S,
+                        ", ".join(still_running[:5]),
+                    )
+
+
 class DbtInvocationError(RuntimeError):
     """dbt could not run at all (project fails to parse, unknown selector, bad profile)."""
 
@@ -78,19 +280,27 @@ class CoreDbtRunner:
         *,
         target_path: Path | None = None,
         existing_relations: Callable[[], set[tuple[str, str]]] | None = None,
+        node_retries: int = 0,
+        node_retry_delay_seconds: float = 0.0,
     ) -> None:
         self.project_dir = project_dir
         self.duckdb_path = duckdb_path
         self.target_path = target_path or project_dir / "target"
         self.existing_relations = existing_relations
+        self.node_retries = node_retries
+        self.node_retry_delay_seconds = node_retry_delay_seconds
 
     def _runner(self) -> PrefectDbtRunner:
-        settings = PrefectDbtSettings(
+        settings = _DbtSettings(
             project_dir=self.project_dir,
             profiles_dir=self.project_dir,
             target_path=self.target_path,
         )
-        return PrefectDbtRunner(settings=settings, raise_on_failure=False)
+        return _NodeTaskDbtRunner(
+            settings=settings,
+            raise_on_failure=False,
+            client=_unused_client(get_current_settings().api.url),
+        )
 
     def invoke(self, args: list[str]) -> Any:
         """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run)."""
@@ -134,19 +344,38 @@ class CoreDbtRunner:
             nodes += [node_result(r) for r in res.result.results]
         res = self.invoke(["build", *selection.cli_args()])
         execution: RunExecutionResult = res.result
-        nodes += [node_result(r) for r in execution.results]
+        built = [node_result(r) for r in execution.results]
         invocation_id = (execution.args or {}).get("invocation_id") if execution.args else None
+        retried: list[list[str]] = []
+        for attempt in range(1, self.node_retries + 1):
+            if not _retryable(built):
+                break
+            # `dbt retry` re-runs exactly the nodes that errored or were skipped because of them,
+            # from this target's run_results.json; a failed *data test* is a finding about the
+            # data, so a build whose only failures are tests is never retried.
+            if self.node_retry_delay_seconds:
+                time.sleep(self.node_retry_delay_seconds * 2 ** (attempt - 1))
+            again = [node_result(r) for r in self.invoke(["retry"]).result.results]
+            retried.append([n.unique_id for n in again if n.resource_type != "operation"])
+            latest = {n.unique_id: n for n in again}
+            built = [latest.pop(n.unique_id, n) for n in built] + list(latest.values())
+        nodes += built
+        notes = []
+        if missing:
+            notes.append(f"built missing parents first: {', '.join(missing)}")
+        if retried:
+            notes.append(
+                f"dbt retry ran {len(retried)} time(s) for: "
+                + ", ".join(dict.fromkeys(uid.rsplit(".", 1)[-1] for a in retried for uid in a))
+            )
+        if not nodes:
+            notes.append("the selection matched no dbt nodes")
         return DbtBuildResult(
             selection=selection.describe(),
             nodes=nodes,
             invocation_id=invocation_id or _invocation_id(),
-            message=(
-                f"built missing parents first: {', '.join(missing)}"
-                if missing
-                else None
-                if nodes
-                else "the selection matched no dbt nodes"
-            ),
+            message="; ".join(notes) or None,
+            retried=retried,
         )
 
     def missing_parents(self, selection: Selection) -> list[str]:
@@ -194,6 +423,15 @@ class CoreDbtRunner:
             self.invoke_metadata(["parse"])
         return json.loads(path.read_text(encoding="utf-8"))
 
+    def manifest(self) -> dict[str, Any]:
+        """The project's manifest, parsed again when any project file is newer than it."""
+        path = self.target_path / "manifest.json"
+        if not path.is_file() or _newest_project_file(self.project_dir, self.target_path) > (
+            path.stat().st_mtime
+        ):
+            self.invoke_metadata(["parse"])
+        return json.loads(path.read_text(encoding="utf-8"))
+
     def list_nodes(self, selection: Selection) -> list[str]:
         """Unique ids of the nodes a build of this selection would run (no building)."""
         return self._ls(selection, ("model", "seed", "snapshot", "test"), "unique_id")
@@ -212,6 +450,26 @@ class CoreDbtRunner:
             ]
         )
         return [json.loads(line)[key] for line in (res.result or [])]
+
+
+def _retryable(nodes: list[NodeResult]) -> bool:
+    return any(
+        n.status == "error" and n.resource_type in ("model", "seed", "snapshot") for n in nodes
+    )
+
+
+def _newest_project_file(project_dir: Path, target_path: Path) -> float:
+    newest = 0.0
+    skip = {
+        target_path.resolve(),
+        (project_dir / "logs").resolve(),
+        (project_dir / "dbt_packages").resolve(),
+    }
+    for root, dirs, files in os.walk(project_dir):
+        dirs[:] = [d for d in dirs if (Path(root) / d).resolve() not in skip]
+        for name in files:
+            newest = max(newest, (Path(root) / name).stat().st_mtime)
+    return newest
 
 
 def _invocation_id() -> str | None:

@@ -48,19 +48,7 @@ DEPLOYMENT = "transform-on-sync"
 START_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 240.0
 
-RECEIVER = """
-import os
-from pathlib import Path
-from postload.receiver import serve
-serve("127.0.0.1", int(os.environ["TEST_RECEIVER_PORT"]), secret=os.environ["TEST_SECRET"],
-      outbox_path=Path(os.environ["TEST_OUTBOX"]), prefect_api_url=os.environ["PREFECT_API_URL"])
-"""
-
-SERVE = f"""
-from pathlib import Path
-from postload.stack import serve_deployments
-serve_deployments(Path("prefect.yaml"), only=["{DEPLOYMENT}"], with_schedules=False)
-"""
+POSTLOAD = str(Path(sys.executable).with_name("postload"))  # the CLI users run
 
 ALL_MODELS = {
     "stg_customers",
@@ -207,19 +195,17 @@ def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         **home.env,
         "PREFECT_API_URL": prefect_server,
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "TEST_RECEIVER_PORT": str(port),
-        "TEST_SECRET": SECRET,
-        "TEST_OUTBOX": str(root / "outbox.sqlite3"),
+        "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": SECRET,
     }
     procs, logs = [], []
-    for name, code in (("receiver", RECEIVER), ("serve", SERVE)):
+    commands = {
+        "receiver": [POSTLOAD, "receiver", "--port", str(port)],
+        "serve": [POSTLOAD, "serve", "--only", DEPLOYMENT, "--no-schedules"],
+    }
+    for name, argv in commands.items():
         log = root / f"{name}.log"
         with log.open("wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=out
-                )
-            )
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=out))
         logs.append(log)
     stack = ServedStack(home, f"http://127.0.0.1:{port}", uuid.uuid4(), procs, logs)
     try:

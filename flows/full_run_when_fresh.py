@@ -1,0 +1,96 @@
+"""full-run-when-fresh: one full dbt build per fresh generation of the tracked sources.
+
+Woken by load events and a sweep schedule; it never trusts the waking event. Inside the warehouse
+writer slot it measures every tracked source's freshness, and builds everything only when all are
+fresh and something loaded since the last full build — so however often it is woken, each new set
+of fresh data gets exactly one full build. Otherwise it says which sources it waits for. A source
+stale past its deadline raises one ``postload.source.stale`` event per stale episode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from postload.alerts import announce_stale_sources
+from postload.config import Settings
+from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
+from postload.dbt._core import CoreDbtRunner
+from postload.freshness import FULL_BUILD, FullRunDecision, decide, tracked_sources
+from postload.orchestration import current_flow_run_id, retry_options, warehouse_writer
+from postload.pipeline import freshness_markdown, publish_status, transform_record
+from postload.warehouse import open_warehouse, utcnow
+
+
+@task(name="full-build", cache_policy=NO_CACHE)
+def full_build(runner: DbtRunner, cause: str, job_id: int | None) -> DbtBuildResult:
+    return runner.build(FULL_BUILD, cause=cause, job_id=job_id)
+
+
+@flow(name="full-run-when-fresh")
+def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
+    """Build the whole dbt project once every tracked source is fresh and something new loaded."""
+    logger = get_run_logger()
+    settings = Settings()
+    pipeline = settings.load_pipeline()
+    resolver = CoreDbtRunner(settings.dbt_project_path, settings.duckdb_file)
+    tracked = tracked_sources(pipeline, resolver.manifest(), settings.pipeline_config_path)
+    warehouse = open_warehouse(settings, pipeline)
+    runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
+
+    with warehouse_writer(settings):
+        warehouse.ensure_schema()
+        configs = [t.config for t in tracked]
+        decision: FullRunDecision = decide(
+            tracked,
+            warehouse.watermarks(configs),
+            warehouse.watermarks(configs, selection=FULL_BUILD.describe()),
+            utcnow(),
+        )
+        create_markdown_artifact(key="source-freshness", markdown=freshness_markdown(decision))
+        announced = announce_stale_sources(decision.past_deadline)
+        if not decision.run:
+            logger.info("no full build: %s", decision.reason)
+            return {"built": False, "reason": decision.reason, "announced_stale": announced}
+
+        logger.info("full build: %s", decision.reason)
+        started_at = utcnow()
+        build = full_build.with_options(**_retrying(settings))(
+            runner,
+            cause=f"postload: full run ({reason})",
+            job_id=pipeline.full_run.dbt_cloud_job_id,
+        )
+        completed_at = utcnow()
+        for t in tracked:
+            warehouse.record_transform(
+                transform_record(
+                    flow_run_id=current_flow_run_id(),
+                    source=t.config,
+                    runner=runner.kind,
+                    build=build,
+                    started_at=started_at,
+                    completed_at=completed_at,
+                    covers_loaded_at=decision.covers.get(t.name),
+                )
+            )
+        publish_status(warehouse)
+    if build.status == "error":
+        raise DbtBuildError(build)
+    return {
+        "built": True,
+        "reason": decision.reason,
+        "status": build.status,
+        "announced_stale": announced,
+    }
+
+
+def _retrying(settings: Settings) -> dict[str, Any]:
+    # dbt Cloud retries its own API calls without ever re-triggering a run; a task retry would.
+    return retry_options(settings) if settings.dbt_runner.value == "core" else {"retries": 0}
+
+
+if __name__ == "__main__":
+    full_run_when_fresh()

@@ -1,0 +1,206 @@
+"""Failure notifications: Prefect automations that send one Slack message per thing gone wrong.
+
+Everything that needs a human becomes a Prefect event, and automations defined here turn those
+events into messages (applied by ``postload automations apply``, idempotently):
+
+=========================  =================================================  ==================
+automation                 fires on                                           one message per
+=========================  =================================================  ==================
+postload-flow-failed       ``prefect.flow-run.Failed``/``Crashed`` of our     flow run (task
+                           flows (the message has the failed models)          retries never fail
+                                                                              the flow run)
+postload-sync-failed       ``fivetran.sync.failed`` (from the receiver or a   sync (deterministic
+                           Prefect Cloud webhook)                             event id)
+postload-source-stale      ``postload.source.stale`` (full-run-when-fresh,    stale episode
+                           a tracked source past its deadline)
+postload-unknown-connector ``postload.connector.unknown``                     sync
+=========================  =================================================  ==================
+
+The notification block is Prefect's core ``CustomWebhookNotificationBlock`` posting Slack's
+incoming-webhook JSON (``{"text": ...}``): the automation's action runs *on the Prefect server*,
+and a ``prefect_slack`` block would need prefect-slack installed there; the core
+``SlackWebhook`` block (Apprise) would work too, but Apprise only ever posts to
+``hooks.slack.com``, so nothing in between (a proxy, a test double) can receive it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from postload.freshness import SourceFreshness
+
+FLOW_NAMES = ["load-and-transform", "transform-on-sync", "full-run-when-fresh"]
+STALE_EVENT = "postload.source.stale"
+# Which stale episode of each source was already announced (source -> newest load at the time):
+# a Prefect variable, so sweeps every 15 minutes do not announce the same episode again.
+STALE_VARIABLE = "postload-stale-announced"
+STALE_NAMESPACE = uuid.UUID("6c1f4a52-9a41-4c52-a7a5-3d7b8f0e9c11")
+
+
+@dataclass(frozen=True)
+class AutomationSpec:
+    name: str
+    description: str
+    expect: list[str]
+    match: dict[str, Any]
+    match_related: dict[str, Any] | None
+    subject: str
+    body: str
+
+
+def automation_specs() -> list[AutomationSpec]:
+    return [
+        AutomationSpec(
+            name="postload-flow-failed",
+            description="A postload flow run failed or crashed (after its task retries).",
+            expect=["prefect.flow-run.Failed", "prefect.flow-run.Crashed"],
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
+            subject="postload: {{ flow.name }} {{ flow_run.state.name | lower }}",
+            body=(
+                "Flow run `{{ flow_run.name }}` of `{{ flow.name }}`"
+                "{% if deployment %} (deployment `{{ deployment.name }}`){% endif %} "
+                "ended {{ flow_run.state.name }}.\n"
+                "{{ flow_run.state.message }}\n"
+                "Run: {{ flow_run | ui_url }}"
+            ),
+        ),
+        AutomationSpec(
+            name="postload-sync-failed",
+            description="A Fivetran sync ended in failure: nothing was transformed for it.",
+            expect=["fivetran.sync.failed"],
+            match={"prefect.resource.id": "fivetran.connector.*"},
+            match_related=None,
+            subject="postload: Fivetran sync failed for {{ event.resource.get('prefect.resource.name', event.resource.id) }}",
+            body=(
+                "Fivetran connector `{{ event.resource.get('fivetran.connector_id', '?') }}` "
+                "sync `{{ event.resource.get('fivetran.sync_id', '?') }}` ended with status "
+                "{{ (event.payload.get('data') or {}).get('status', 'unknown') }}"
+                "{% set reason = (event.payload.get('data') or {}).get('reason') %}"
+                "{% if reason %}: {{ reason }}{% endif %}. Nothing was transformed for it; "
+                "the next successful sync or the sweep picks its data up."
+            ),
+        ),
+        AutomationSpec(
+            name="postload-source-stale",
+            description="A tracked source has not loaded for longer than its deadline.",
+            expect=[STALE_EVENT],
+            match={"prefect.resource.id": "postload.source.*"},
+            match_related=None,
+            subject="postload: source {{ event.payload.source }} is stale",
+            body=(
+                "Source `{{ event.payload.source }}` last loaded {{ event.payload.last_loaded_at "
+                "or 'never' }} ({{ event.payload.age }} ago; deadline {{ event.payload.deadline }}). "
+                "The full dbt build waits for it."
+            ),
+        ),
+        AutomationSpec(
+            name="postload-unknown-connector",
+            description="A Fivetran connector synced that the pipeline config does not map.",
+            expect=["postload.connector.unknown"],
+            match={"prefect.resource.id": "fivetran.connector.*"},
+            match_related=None,
+            subject="postload: unknown Fivetran connector {{ event.payload.connector_id }}",
+            body=(
+                "Connector `{{ event.payload.connector_id }}` is not mapped to any source in "
+                "postload.yaml, so its sync ran nothing. Known: "
+                "{{ event.payload.known | join(', ') }}."
+            ),
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class AppliedAutomation:
+    name: str
+    id: uuid.UUID
+    action: str  # "created" or "updated"
+
+
+def apply_automations(
+    notification_block_id: uuid.UUID, pagerduty_block_id: uuid.UUID | None = None
+) -> list[AppliedAutomation]:
+    """Create or update (by name) every automation; re-applying never duplicates."""
+    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+
+    applied = []
+    for spec in automation_specs():
+        actions = [
+            SendNotification(
+                block_document_id=notification_block_id, subject=spec.subject, body=spec.body
+            )
+        ]
+        if pagerduty_block_id is not None:
+            actions.append(
+                SendNotification(
+                    block_document_id=pagerduty_block_id, subject=spec.subject, body=spec.body
+                )
+            )
+        trigger = EventTrigger(
+            expect=set(spec.expect),
+            match=spec.match,
+            match_related=spec.match_related or {},
+            # one message per flow run / per connector, never batched or suppressed
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
+        )
+        try:
+            existing = Automation.read(name=spec.name)
+        except ValueError:
+            existing = None
+        if existing is None:
+            created = Automation(
+                name=spec.name, description=spec.description, trigger=trigger, actions=actions
+            ).create()
+            applied.append(AppliedAutomation(spec.name, created.id, "created"))
+        else:
+            existing.description = spec.description
+            existing.trigger = trigger
+            existing.actions = actions
+            existing.enabled = True
+            existing.update()
+            applied.append(AppliedAutomation(spec.name, existing.id, "updated"))
+    return applied
+
+
+def announce_stale_sources(stale: list[SourceFreshness]) -> list[str]:
+    """Emit one ``postload.source.stale`` event per source and stale episode; returns the names.
+
+    An episode is identified by the source's newest load: it ends when the source loads again.
+    """
+    from prefect.events import emit_event
+    from prefect.variables import Variable
+
+    announced: dict[str, str] = dict(Variable.get(STALE_VARIABLE, default={}) or {})
+    sent = []
+    for source in stale:
+        episode = source.latest_loaded_at.isoformat() if source.latest_loaded_at else "never"
+        if announced.get(source.name) == episode:
+            continue
+        emit_event(
+            STALE_EVENT,
+            resource={
+                "prefect.resource.id": f"postload.source.{source.name}",
+                "prefect.resource.name": source.name,
+            },
+            payload={
+                "source": source.name,
+                "last_loaded_at": source.latest_loaded_at.isoformat()
+                if source.latest_loaded_at
+                else None,
+                "age": str(source.age) if source.age is not None else "never loaded",
+                "deadline": str(source.alert_after),
+            },
+            # the same episode is the same event, even if two runs race to announce it
+            id=uuid.uuid5(STALE_NAMESPACE, f"{source.name}:{episode}"),
+        )
+        announced[source.name] = episode
+        sent.append(source.name)
+    if sent:
+        Variable.set(STALE_VARIABLE, announced, overwrite=True)
+    return sent

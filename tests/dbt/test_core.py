@@ -1,0 +1,199 @@
+"""CoreDbtRunner through prefect-dbt: node tasks are done when a build returns, and cheap to start."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+from prefect import flow
+from prefect._internal.uuid7 import uuid7
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.context import SettingsContext, hydrated_context, serialize_context
+from prefect.settings import get_current_settings
+from prefect.tasks import Task
+from prefect_dbt import PrefectDbtSettings
+from prefect_dbt.core.runner import execute_dbt_node
+
+from postload.config import Selection, load_pipeline_config
+from postload.dbt._core import (
+    NODE_TASK_THREAD_PREFIX,
+    CoreDbtRunner,
+    _DbtSettings,
+    _LiveSettingsContext,
+    _NodeTasks,
+)
+from postload.demo_data import DEMO_SOURCES, write_demo_batch
+from postload.warehouse._duckdb import DuckDBWarehouse
+from tests.conftest import REPO, PostloadHome
+
+EVENTS = Selection(select="source:events+")
+
+
+def node_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(NODE_TASK_THREAD_PREFIX)]
+
+
+def loaded_warehouse(home: PostloadHome) -> DuckDBWarehouse:
+    pipeline = load_pipeline_config(home.root / "postload.yaml")
+    warehouse = DuckDBWarehouse(home.duckdb, home.stage, pipeline)
+    warehouse.ensure_schema()
+    for source in DEMO_SOURCES:
+        write_demo_batch(home.stage, source, 1)
+        warehouse.load(pipeline.source(source), None)
+    return warehouse
+
+
+def run_context() -> dict[str, Any]:
+    """The context prefect-dbt serializes at the start of invoke(), as postload's runner has it."""
+    live = SettingsContext.get()
+    assert live is not None
+    with _LiveSettingsContext(profile=live.profile, settings=live.settings):
+        return serialize_context()
+
+
+def test_hydrating_the_node_task_context_reuses_the_live_settings(prefect_server: str) -> None:
+    """Rebuilding Settings on each hydration cost ~0.15 s of CPU, twice per dbt node."""
+    live = SettingsContext.get()
+    assert live is not None
+    context = run_context()
+    started = time.perf_counter()
+    for _ in range(20):
+        with hydrated_context(context):
+            assert get_current_settings() is live.settings
+    assert time.perf_counter() - started < 2.0
+
+
+def test_profiles_yml_is_resolved_only_when_it_has_prefect_templates(tmp_path: Path) -> None:
+    settings = _DbtSettings(project_dir=tmp_path, profiles_dir=tmp_path)
+    profiles = tmp_path / "profiles.yml"
+    profiles.write_text("p:\n  outputs:\n    d:\n      path: \"{{ env_var('X') }}\"\n")
+    with settings.resolve_profiles_yml() as resolved:
+        assert resolved == str(tmp_path)
+    profiles.write_text('p:\n  outputs:\n    d:\n      schema: "{{ prefect.variables.s }}"\n')
+    with patch.object(PrefectDbtSettings, "resolve_profiles_yml") as upstream:
+        upstream.return_value.__enter__.return_value = "/tmp/resolved"
+        with settings.resolve_profiles_yml() as resolved:
+            assert resolved == "/tmp/resolved"
+
+
+def test_a_node_dbt_never_finishes_does_not_keep_its_task_waiting(prefect_server: str) -> None:
+    """dbt can skip a node after its NodeStart (upstream failed): no NodeFinished ever comes."""
+
+    @flow
+    def start_a_node_task_and_finish() -> tuple[list[str], Any]:
+        tracker = _NodeTasks(contextvars.copy_context())
+        task = Task(fn=execute_dbt_node, cache_policy=NO_CACHE, task_run_name="model never_done")
+        tracker.start_task("model.demo.never_done", task)
+        tracker.run_task_in_thread(
+            "model.demo.never_done",
+            task,
+            task_run_id=uuid7(),
+            parameters={
+                "task_state": tracker,
+                "node_id": "model.demo.never_done",
+                "asset_id": None,
+            },
+            context=run_context(),
+        )
+        still_running = tracker.finish(timeout_s=60)
+        return still_running, tracker.get_task_result("model.demo.never_done")
+
+    still_running, state = start_a_node_task_and_finish()
+    assert still_running == []
+    assert state is not None and state.is_completed()
+    assert node_threads() == []
+
+
+def test_build_in_a_flow_returns_with_every_node_task_done(
+    prefect_server: str, postload_home: PostloadHome
+) -> None:
+    warehouse = loaded_warehouse(postload_home)
+    project = postload_home.root / "dbt_project"
+
+    @flow
+    def transform() -> tuple[str, list[str], list[str]]:
+        runner = CoreDbtRunner(
+            project, postload_home.duckdb, existing_relations=warehouse.relations
+        )
+        build = runner.build(EVENTS, cause="test")
+        return build.status, [n.name for n in build.nodes], node_threads()
+
+    state = transform(return_state=True)
+    status, nodes, alive_after_build = state.result()
+    assert status == "success"
+    assert "stg_events" in nodes
+    assert alive_after_build == [], "node task threads outlived the dbt invocation"
+    # Each node is a Prefect task run; their states arrive as events, so allow the server a lag.
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {t.name: t for t in client.read_task_runs(flow_run_filter=flow_runs)}
+            if any(n.startswith("model stg_events") for n in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert any(n.startswith("model stg_events") for n in runs), sorted(runs)
+
+
+# The flow ends right after the build, then the interpreter exits: node task threads still
+# running at that point aborted the process (SIGABRT, "FATAL: exception not rethrown") after its
+# flow had completed. With prefect-dbt's own tracker and log level warn it did so every time.
+_FLOW_THEN_EXIT = """
+import sys, threading
+from pathlib import Path
+from prefect import flow
+from postload.config import Selection, load_pipeline_config
+from postload.dbt._core import NODE_TASK_THREAD_PREFIX, CoreDbtRunner
+from postload.warehouse._duckdb import DuckDBWarehouse
+
+root = Path(sys.argv[1])
+
+@flow
+def transform():
+    warehouse = DuckDBWarehouse(
+        root / ".postload" / "warehouse.duckdb",
+        root / ".postload" / "stage",
+        load_pipeline_config(root / "postload.yaml"),
+    )
+    runner = CoreDbtRunner(
+        root / "dbt_project",
+        root / ".postload" / "warehouse.duckdb",
+        target_path=root / sys.argv[2],
+        existing_relations=warehouse.relations,
+    )
+    return runner.build(Selection(select="source:events+"), cause="test").status
+
+print("status:", transform())
+# prefect-dbt's own tracker names its threads "Thread-N (run_task)".
+print("node threads at exit:", [
+    t.name for t in threading.enumerate()
+    if t.name.startswith(NODE_TASK_THREAD_PREFIX) or t.name.endswith("(run_task)")
+])
+"""
+
+
+def test_process_exits_cleanly_right_after_a_flow_that_built(
+    prefect_server: str, postload_home: PostloadHome
+) -> None:
+    loaded_warehouse(postload_home)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FLOW_THEN_EXIT, str(postload_home.root), "target"],
+        cwd=REPO,
+        env={**os.environ, "PREFECT_API_URL": prefect_server},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FATAL" not in proc.stderr, proc.stderr[-3000:]
+    assert "status: success" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "node threads at exit: []" in proc.stdout, proc.stdout

@@ -42,6 +42,9 @@ lock: setup
 bench: setup
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/receiver.py
+	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/alerts.py
 
 bench-quick: setup
 	$(BIN)/python bench/load.py --quick

@@ -51,6 +51,14 @@ DUCKDB_PATH_ENV = "POSTLOAD_DUCKDB_PATH"
 NODE_TASKS_TIMEOUT_S = 120.0
 NODE_TASK_THREAD_PREFIX = "prefect-dbt-node"
 
+# dbt events prefect-dbt forwards to the flow run's logs: warnings and errors. Its default,
+# Prefect's own level (INFO), also ships dbt's START/OK line of every node and the run's summary
+# lines: on the demo build that cost ~0.25 s of a ~0.9 s bare build (processing each event, the
+# log API and the server). Node outcomes stay visible as task states, failures as ERROR events.
+# dbt's own log file keeps INFO, as with prefect-dbt's default.
+DBT_EVENTS_TO_PREFECT_LOGS = EventLevel.WARN
+DBT_LOG_FILE_LEVEL = "info"
+
 logger = logging.getLogger(__name__)
 
 
@@ -295,6 +303,7 @@ class CoreDbtRunner:
             project_dir=self.project_dir,
             profiles_dir=self.project_dir,
             target_path=self.target_path,
+            log_level=DBT_EVENTS_TO_PREFECT_LOGS,
         )
         return _NodeTaskDbtRunner(
             settings=settings,
@@ -306,7 +315,7 @@ class CoreDbtRunner:
         """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run)."""
         try:
             with _profile_env(self.duckdb_path):
-                return self._runner().invoke(args)
+                return self._runner().invoke(args, log_level_file=DBT_LOG_FILE_LEVEL)
         except ValueError as exc:  # prefect-dbt wraps dbt's own exception this way
             raise DbtInvocationError(str(exc)) from exc
 

@@ -78,3 +78,27 @@ def sql(home: PostloadHome, query: str, params: list[Any] | None = None) -> list
 def postload_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHome:
     """An isolated home for one test (dbt writes its own target/)."""
     return make_home(tmp_path / "checkout", monkeypatch)
+
+
+DEMO_MODELS = {
+    "stg_customers",
+    "stg_orders",
+    "stg_events",
+    "customer_orders",
+    "fct_orders",
+    "fct_daily_events",
+}
+
+
+def land_and_load(home: PostloadHome, source: str, batch: int) -> None:
+    """A sync: rows land in the raw table, nothing is transformed (as after a Fivetran sync)."""
+    from postload.config import Settings
+    from postload.demo_data import write_demo_batch
+    from postload.warehouse._duckdb import DuckDBWarehouse
+
+    write_demo_batch(home.stage, source, batch)
+    settings = Settings()
+    pipeline = settings.load_pipeline()
+    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
+    warehouse.ensure_schema()
+    warehouse.load(pipeline.source(source), None)

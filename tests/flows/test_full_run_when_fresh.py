@@ -9,28 +9,10 @@ from prefect.client.orchestration import get_client
 
 from flows.full_run_when_fresh import full_run_when_fresh
 from postload.alerts import STALE_EVENT, STALE_VARIABLE
-from postload.config import Settings
-from postload.demo_data import write_demo_batch
-from postload.warehouse._duckdb import DuckDBWarehouse
-from tests.conftest import PostloadHome, sql
+from tests.conftest import DEMO_MODELS, PostloadHome, land_and_load, sql
 
-ALL_MODELS = {
-    "stg_customers",
-    "stg_orders",
-    "stg_events",
-    "customer_orders",
-    "fct_orders",
-    "fct_daily_events",
-}
-
-
-def land(home: PostloadHome, source: str, batch: int) -> None:
-    write_demo_batch(home.stage, source, batch)
-    settings = Settings()
-    pipeline = settings.load_pipeline()
-    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
-    warehouse.ensure_schema()
-    warehouse.load(pipeline.source(source), None)
+ALL_MODELS = DEMO_MODELS
+land = land_and_load
 
 
 def models_built(home: PostloadHome) -> list[tuple[str, int]]:
@@ -61,9 +43,8 @@ def stale_events(api_url: str, source: str) -> list[dict]:
 @pytest.fixture
 def fresh_variable(prefect_server: str) -> None:
     with get_client(sync_client=True) as client:
-        client.delete_variable_by_name(STALE_VARIABLE) if client.read_variable_by_name(
-            STALE_VARIABLE
-        ) else None
+        if client.read_variable_by_name(STALE_VARIABLE):
+            client.delete_variable_by_name(STALE_VARIABLE)
 
 
 def test_one_full_build_per_fresh_generation(

@@ -14,20 +14,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.events import DeploymentEventTrigger
 
 from flows.transform_on_sync import transform_on_sync
-from postload.config import Settings
-from postload.demo_data import write_demo_batch
-from postload.warehouse._duckdb import DuckDBWarehouse
-from tests.conftest import REPO, PostloadHome, sql
-
-
-def land_and_load(home: PostloadHome, source: str, batch: int) -> None:
-    """A sync: rows land in the raw table, nothing is transformed (as after a Fivetran sync)."""
-    write_demo_batch(home.stage, source, batch)
-    settings = Settings()
-    pipeline = settings.load_pipeline()
-    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
-    warehouse.ensure_schema()
-    warehouse.load(pipeline.source(source), None)
+from tests.conftest import REPO, PostloadHome, land_and_load, sql
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from postload.config import Settings
 from postload.demo_data import write_demo_batch
 from postload.orchestration import warehouse_writer
 from postload.warehouse._duckdb import DuckDBWarehouse
-from tests.conftest import REPO, PostloadHome, sql
+from tests.conftest import DEMO_MODELS, REPO, PostloadHome, sql
 from tests.test_receiver import free_port
 
 SECRET = "whsec-served-8c41d2"
@@ -50,14 +50,7 @@ SETTLE_TIMEOUT = 240.0
 
 POSTLOAD = str(Path(sys.executable).with_name("postload"))  # the CLI users run
 
-ALL_MODELS = {
-    "stg_customers",
-    "stg_orders",
-    "stg_events",
-    "customer_orders",
-    "fct_orders",
-    "fct_daily_events",
-}
+ALL_MODELS = DEMO_MODELS
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DeploymentSpec", "deployment_specs", "runner_deployments", "serve_deployments"]
+__all__ = ["DeploymentSpec", "deployment_specs", "serve_deployments", "served_flows"]
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,13 @@ def deployment_specs(prefect_yaml: Path) -> list[DeploymentSpec]:
     return specs
 
 
-def runner_deployments(
+def served_flows(
     prefect_yaml: Path,
     *,
     only: Iterable[str] | None = None,
     with_schedules: bool = True,
-) -> list[Any]:
-    """``RunnerDeployment`` objects for ``serve``, one per spec in ``prefect.yaml``."""
+) -> list[tuple[Any, dict[str, Any]]]:
+    """Each deployment of ``prefect.yaml`` as (flow, ``Runner.add_flow`` keyword arguments)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.events import DeploymentEventTrigger
     from prefect.flows import load_flow_from_entrypoint
@@ -66,7 +66,7 @@ def runner_deployments(
 
     wanted = set(only) if only is not None else None
     root = prefect_yaml.resolve().parent
-    deployments = []
+    served = []
     for spec in deployment_specs(prefect_yaml):
         if wanted is not None and spec.name not in wanted:
             continue
@@ -82,28 +82,31 @@ def runner_deployments(
                     Interval(timedelta(seconds=float(schedule["interval"])), active=active)
                 )
         limit = spec.concurrency_limit
-        deployments.append(
-            flow.to_deployment(
-                name=spec.name,
-                description=spec.description,
-                tags=spec.tags,
-                parameters=spec.parameters,
-                schedules=schedules,
-                concurrency_limit=ConcurrencyLimitConfig(**limit)
-                if isinstance(limit, dict)
-                else limit,
-                # `type` picks the trigger class in prefect.yaml; the class itself has no field.
-                triggers=[
-                    DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
-                    for t in spec.triggers
-                ],
+        served.append(
+            (
+                flow,
+                {
+                    "name": spec.name,
+                    "description": spec.description,
+                    "tags": spec.tags,
+                    "parameters": spec.parameters,
+                    "schedules": schedules,
+                    "concurrency_limit": ConcurrencyLimitConfig(**limit)
+                    if isinstance(limit, dict)
+                    else limit,
+                    # `type` picks the trigger class in prefect.yaml; the class has no such field.
+                    "triggers": [
+                        DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
+                        for t in spec.triggers
+                    ],
+                },
             )
         )
-    if wanted is not None and len(deployments) != len(wanted):
+    if wanted is not None and len(served) != len(wanted):
         known = sorted(s.name for s in deployment_specs(prefect_yaml))
-        missing = sorted(wanted - {d.name for d in deployments})
+        missing = sorted(wanted - {kwargs["name"] for _, kwargs in served})
         raise ValueError(f"no deployment named {missing} in {prefect_yaml} (known: {known})")
-    return deployments
+    return served
 
 
 def serve_deployments(
@@ -111,11 +114,32 @@ def serve_deployments(
     *,
     only: Iterable[str] | None = None,
     with_schedules: bool = True,
+    warm: bool = True,
 ) -> None:
-    """Create/update the deployments and run their flow runs until interrupted."""
-    from prefect import serve
+    """Create/update the deployments and run their flow runs until interrupted.
 
-    serve(
-        *runner_deployments(prefect_yaml, only=only, with_schedules=with_schedules),
-        print_starting_message=True,
-    )
+    The flows are handed to the runner as objects (``Runner.add_flow``), so it starts each run
+    from the flow in memory instead of ``python -m prefect.engine`` re-loading the entrypoint.
+    With ``warm`` (the default) each run is forked from a process that has already imported
+    Prefect, dbt and postload (``postload._warm_start``) instead of a fresh interpreter.
+    """
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    from postload import _warm_start
+
+    served = served_flows(prefect_yaml, only=only, with_schedules=with_schedules)
+    # Warm up before the deployments exist, so no run is created that a cold start would serve.
+    if warm and _warm_start.install():
+        print("flow runs start from a warm process (Prefect, dbt and postload preloaded)")
+    runner = Runner(name="postload")
+    for flow, kwargs in served:
+        runner.add_flow(flow, **kwargs)
+    names = ", ".join(kwargs["name"] for _, kwargs in served)
+    print(f"serving {len(served)} deployment(s) from {prefect_yaml}: {names} (Ctrl-C stops)")
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        print("stopped")

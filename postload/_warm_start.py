@@ -1,0 +1,152 @@
+"""Start served flow runs from a process that has already imported Prefect, dbt and postload.
+
+A Prefect runner (``serve``) starts each flow run in a *spawned* subprocess
+(``prefect.flow_engine.run_flow_in_subprocess`` uses ``multiprocessing.get_context("spawn")``),
+so every run pays for importing Prefect, prefect-dbt, dbt-core and the adapter again: 7-8 s on an
+idle 2-core machine and 20-30 s under load, most of the webhook → first-dbt-node latency.
+
+Python's ``forkserver`` start method removes that cost without giving up process isolation: one
+single-threaded server process imports the heavy modules once, and each flow run is a fresh
+``fork()`` of it — a new process with its own memory, crash and kill semantics, started in
+milliseconds. ``run_flow_in_subprocess`` looks ``multiprocessing`` up in its module when called,
+so we hand it a forkserver context there and leave the rest of the runner (cancellation,
+heartbeats, the control channel, crash detection, the pickled call) untouched.
+
+Fork safety: the server process only imports modules (no threads, sockets or event loops exist at
+that point, apart from jemalloc's fork-aware background thread when pyarrow is installed;
+``tests/test_warm_start.py`` checks it), and every child builds its own Prefect
+settings and clients from the environment the runner hands it, as a spawned child would.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+from typing import Any
+
+__all__ = ["PRELOAD_MODULES", "install", "preload"]
+
+# What a transform flow run would otherwise import before its first dbt node (measured by
+# diffing sys.modules in a forked child: ~1,600 modules, 970 of them the Snowflake connector that
+# Prefect's block registry pulls in through prefect-snowflake's entry point).
+PRELOAD_MODULES: tuple[str, ...] = (
+    "prefect",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.utilities.visualization",  # imported by Flow.__call__
+    "fastapi.encoders",  # Prefect serialises flow parameters with it
+    "docker",  # a lazy import somewhere in Prefect's run set-up (62 modules)
+    "prefect.artifacts",
+    "anyio._backends._asyncio",
+    "prefect_dbt",
+    "prefect_dbt.core",
+    "dbt.cli.main",
+    "dbt.adapters.duckdb",
+    "dbt.adapters.duckdb.environments.local",
+    "dbt_common.clients.agate_helper",
+    "dbt.task.build",
+    "dbt.task.runnable",
+    "dbt.task.test",
+    "dbt.task.seed",
+    "dbt.task.snapshot",
+    "dbt.parser.sql",
+    "dbt.graph.thread_pool",
+    "duckdb",
+    "postload.config",
+    "postload.dbt",
+    "postload.dbt._core",
+    "postload.orchestration",
+    "postload.pipeline",
+    "postload.sync",
+    "postload.freshness",
+    "postload.warehouse",
+    "postload.warehouse._duckdb",
+)
+
+# dbt validates these with JSON schemas that mashumaro builds on first use (~0.5 s in total);
+# the schemas are cached per class, so building them once here saves it in every run.
+_DBT_SCHEMA_CLASSES: tuple[tuple[str, str], ...] = (
+    ("dbt.contracts.project", "ProjectFlags"),
+    ("dbt.contracts.project", "Project"),
+    ("dbt.contracts.project", "ProfileConfig"),
+    ("dbt.contracts.project", "PackageConfig"),
+    ("dbt.contracts.project", "Configuration"),
+    ("dbt.contracts.selection", "SelectorFile"),
+    ("dbt.adapters.duckdb.credentials", "DuckDBCredentials"),
+    ("dbt.task.test", "TestResultData"),
+)
+
+
+def preload() -> None:
+    """Import and build, once, what every flow run would otherwise redo (run in the forkserver).
+
+    Pure imports and computation: no threads, sockets or files are left open, so forking after
+    it is safe. A module that fails to import is skipped: the run then imports it itself.
+    """
+    import contextlib
+    import importlib
+
+    for name in PRELOAD_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    # Prefect imports every installed collection's blocks the first time a run touches the block
+    # registry (prefect-snowflake brings the whole Snowflake connector): do it here instead.
+    from prefect.plugins import load_prefect_collections
+
+    load_prefect_collections()
+    for module, name in _DBT_SCHEMA_CLASSES:
+        with contextlib.suppress(ImportError, AttributeError):
+            getattr(importlib.import_module(module), name).json_schema()
+
+
+class _ForkServerMultiprocessing:
+    """Stands in for the ``multiprocessing`` module inside ``prefect.flow_engine``."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self._context = context
+
+    def get_context(self, method: str | None = None) -> multiprocessing.context.BaseContext:
+        return self._context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(multiprocessing, name)
+
+
+def _noop() -> None:
+    return None
+
+
+_installed: multiprocessing.context.BaseContext | None = None
+
+
+def install(*, warm_now: bool = True) -> bool:
+    """Make the runner in this process fork flow runs from a warm forkserver.
+
+    Returns False (and changes nothing) where ``forkserver`` is unavailable (Windows); flow runs
+    then start the usual way, only slower. With ``warm_now`` the server is started and its imports
+    done before returning, so the first flow run is fast too.
+    """
+    global _installed
+    if _installed is not None:
+        return True
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+
+    import prefect.flow_engine as flow_engine
+    import prefect.runner._starter_direct as starter_direct
+
+    context = multiprocessing.get_context("forkserver")
+    # The forkserver imports these before it forks anything; sys.path travels with it.
+    context.set_forkserver_preload(["postload._warm_start_preload"])
+    if not hasattr(flow_engine, "multiprocessing") or not hasattr(
+        starter_direct, "run_flow_in_subprocess"
+    ):  # pragma: no cover - Prefect changed shape; runs start the usual (slow) way
+        return False
+    # run_flow_in_subprocess looks `multiprocessing` up in its module at call time.
+    flow_engine.multiprocessing = _ForkServerMultiprocessing(context)  # type: ignore[assignment]
+    _installed = context
+    if warm_now:
+        process = context.Process(target=_noop)
+        process.start()
+        process.join()
+    return True

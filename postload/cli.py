@@ -140,16 +140,93 @@ def status() -> None:
 
 @app.command()
 def demo(
-    batches: Annotated[
-        int, typer.Option(min=1, help="new event batches to land after the first load")
-    ] = 1,
+    port: Annotated[
+        int, typer.Option(help="the Prefect server's port (a free one if it is taken)")
+    ] = 4200,
+    keep_running: Annotated[
+        bool, typer.Option(help="leave the stack running after the story (Ctrl-C stops it)")
+    ] = False,
 ) -> None:
-    """Land sample files for every source, run load-and-transform for each, then land more
-    events and run again: only the models downstream of events are rebuilt."""
+    """The whole story on the local stack (Prefect server + UI, runner, webhook receiver):
+    two simulated Fivetran syncs → one coalesced transform, a COPY load of events → only its
+    models, then one full build once every source is fresh, and the pipeline status."""
     from postload.demo import run_demo
 
-    settings, pipeline = _settings_and_pipeline()
-    sys.exit(run_demo(settings, pipeline, event_batches=batches, echo=typer.echo))
+    sys.exit(run_demo(Settings(), api_port=port, keep_running=keep_running, echo=typer.echo))
+
+
+@app.command()
+def stack(
+    port: Annotated[int, typer.Option(help="the Prefect server's port (API and UI)")] = 4200,
+    receiver_port: Annotated[
+        int | None,
+        typer.Option(help="the webhook receiver's port (default: POSTLOAD_RECEIVER_PORT, 8787)"),
+    ] = None,
+    schedules: Annotated[
+        bool, typer.Option(help="keep prefect.yaml's schedules (the hourly load, the sweeps)")
+    ] = True,
+) -> None:
+    """Start the whole embedded system: a local Prefect server with its UI, a runner serving
+    prefect.yaml's deployments, the webhook receiver and the automations; print the URLs and
+    how to send a test event. Ctrl-C stops everything it started."""
+    import signal
+
+    from postload.local_stack import LocalStack, StackError
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    local = LocalStack(
+        Settings(),
+        api_port=port,
+        receiver_port=receiver_port,
+        schedules=schedules,
+        echo=typer.echo,
+    )
+    try:
+        local.start()
+        typer.echo(local.banner(), nl=True)
+        for _ in local.wait_forever():
+            pass
+    except KeyboardInterrupt:
+        typer.echo("stopping the stack")
+    except StackError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        local.stop()
+    typer.echo("stopped")
+
+
+@app.command("send-sync")
+def send_sync(
+    connector_id: Annotated[str, typer.Argument(help="the Fivetran connector id")],
+    status: Annotated[
+        str, typer.Option(help="data.status: SUCCESSFUL, or e.g. FAILURE_WITH_TASK")
+    ] = "SUCCESSFUL",
+    url: Annotated[
+        str | None,
+        typer.Option(help="the receiver's webhook URL (default: this machine's receiver)"),
+    ] = None,
+) -> None:
+    """Send a Fivetran sync_end webhook for a connector, signed with the webhook secret
+    (POSTLOAD_FIVETRAN_WEBHOOK_SECRET or the Secret block on PREFECT_API_URL), as Fivetran
+    does after a sync."""
+    from postload.local_stack import send_sync_end
+
+    settings = Settings()
+    try:
+        secret, _ = settings.resolve_fivetran_webhook_secret()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    target = url or f"http://{settings.receiver_host}:{settings.receiver_port}/webhooks/fivetran"
+    try:
+        response = send_sync_end(target, secret, connector_id, status=status)
+    except Exception as exc:  # httpx transport errors: say where, not a traceback
+        raise _fail(f"could not POST to {target}: {exc}") from None
+    typer.echo(f"{target} → {response.status_code} {response.text.strip()}")
+    if response.status_code >= 300:
+        raise typer.Exit(code=1)
 
 
 @app.command()

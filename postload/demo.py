@@ -1,84 +1,269 @@
-"""The README's demo: a real load-then-transform pipeline on the embedded stack."""
+"""The README's demo: the whole story on the local stack, watchable in the Prefect UI.
+
+1. Two Fivetran connectors (simulated: rows land in ``raw.customers`` and ``raw.orders``) finish
+   their syncs and send signed ``sync_end`` webhooks to the receiver over HTTP → one coalesced
+   transform-on-sync run builds what is downstream of both; full-run-when-fresh, woken by the same
+   events, says it waits for ``events``.
+2. A file of events lands in the stage → the load-and-transform deployment loads it (COPY
+   semantics, malformed lines counted and skipped) and builds only the models downstream of
+   events.
+3. Every tracked source is now fresh → full-run-when-fresh builds the whole project, once.
+4. The pipeline status table.
+
+The demo has its own home (``.postload/demo``: warehouse, stage, pipeline config), emptied at the
+start, with the checked-in ``postload.yaml`` except that customers and orders are fed by Fivetran
+connectors ``demo_customers`` and ``demo_orders``.
+"""
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from postload.config import PipelineConfig, Settings
-from postload.demo_data import DEMO_SOURCES, write_demo_batch
+import yaml
+
+from postload.config import Settings
+from postload.demo_data import write_demo_batch
+from postload.local_stack import LocalStack, StackError, free_port, port_is_free, send_sync_end
+from postload.orchestration import warehouse_writer
 from postload.pipeline import render_text_table, status_table
 from postload.warehouse import open_warehouse
 
+__all__ = ["FIVETRAN_SOURCES", "demo_settings", "run_demo"]
 
-def _next_batch(settings: Settings, source: str) -> int:
-    folder = settings.stage_root_path / source
-    return len(list(folder.glob(f"{source}_*.jsonl"))) + 1 if folder.is_dir() else 1
+FIVETRAN_SOURCES = ("customers", "orders")
+TRANSFORM_ON_SYNC = "transform-on-sync"
+FULL_RUN = "full-run-when-fresh"
+LOAD_AND_TRANSFORM = "load-and-transform"
+SETTLE_TIMEOUT_SECONDS = 600.0
+# The trigger service can create a run a moment after the others finished: a step counts as
+# settled when every run is final and no new one appeared for this long.
+QUIET_SECONDS = 4.0
+
+
+def demo_settings(checkout: Settings) -> tuple[Settings, dict[str, str]]:
+    """Settings (and the env for the stack's processes) of the demo's own home."""
+    home = checkout.home_path / "demo"
+    for stale in ["warehouse.duckdb", "warehouse.duckdb.wal", "stage", "receiver-outbox.sqlite"]:
+        path = home / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load(checkout.pipeline_config_path.read_text())
+    for source in config["sources"]:
+        if source["name"] in FIVETRAN_SOURCES:
+            source["loader"] = {"type": "fivetran", "connector_id": f"demo_{source['name']}"}
+    demo_config = home / "postload.yaml"
+    demo_config.write_text(
+        "# Written by `postload demo`: the checked-in postload.yaml with customers and orders\n"
+        "# fed by (simulated) Fivetran connectors.\n" + yaml.safe_dump(config, sort_keys=False)
+    )
+    env = {
+        "POSTLOAD_PROJECT_DIR": str(Path(checkout.project_dir).resolve()),
+        "POSTLOAD_HOME": str(home),
+        "POSTLOAD_PIPELINE_CONFIG": str(demo_config),
+    }
+    settings = Settings(
+        project_dir=Path(checkout.project_dir).resolve(), home=home, pipeline_config=demo_config
+    )
+    return settings, env
 
 
 def run_demo(
-    settings: Settings,
-    pipeline: PipelineConfig,
+    checkout: Settings,
     *,
-    event_batches: int = 1,
+    api_port: int = 4200,
+    keep_running: bool = False,
     echo: Callable[[str], None] = print,
 ) -> int:
-    """Returns a process exit code: 0 when every flow run completed."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    """Returns a process exit code: 0 when every step did what it should."""
+    settings, env = demo_settings(checkout)
+    if not port_is_free("127.0.0.1", api_port):
+        echo(f"port {api_port} is taken: the demo's Prefect server uses a free port instead")
+        api_port = free_port()
+    stack = LocalStack(
+        settings,
+        api_port=api_port,
+        receiver_port=free_port(),
+        echo=echo,
+        schedules=False,  # no sweeps or hourly loads interleaving with the story
+        extra_env=env,
+    )
+    try:
+        stack.start()
+        echo(stack.banner().replace("Ctrl-C stops everything.", ""))
+        echo(f"watch it in the UI: {stack.ui_url}/runs\n")
+        ok = _story(stack, settings, echo)
+        if keep_running:
+            echo("\nthe stack keeps running for you to explore; Ctrl-C stops it")
+            for _ in stack.wait_forever():
+                pass
+        return 0 if ok else 1
+    except StackError as exc:
+        echo(f"the local stack failed: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        echo("stopping")
+        return 130
+    finally:
+        stack.stop()
 
-    from flows.load_and_transform import load_and_transform
 
-    unknown = [s for s in DEMO_SOURCES if s not in pipeline.source_names]
-    if unknown:
-        echo(f"the demo needs sources {', '.join(DEMO_SOURCES)} in the pipeline config")
-        return 2
+def _story(stack: LocalStack, settings: Settings, echo: Callable[[str], None]) -> bool:
+    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
 
-    stage = settings.stage_root_path
-    echo(f"stage: {stage}")
-    echo(f"warehouse: DuckDB file {settings.duckdb_file}")
-    if not PREFECT_API_URL.value():
+    with temporary_settings({PREFECT_API_URL: stack.api_url, PREFECT_API_KEY: None}):
+        runs = _Runs(stack)
+        pipeline = settings.load_pipeline()
+        warehouse = open_warehouse(settings, pipeline)
+        ok = True
+
+        echo("1. Fivetran syncs of two sources → one coalesced transform")
+        before = runs.known()
+        for batch, source in enumerate(FIVETRAN_SOURCES, start=1):
+            rows = _fivetran_sync(settings, source, batch)
+            echo(f"   connector demo_{source} synced {rows} rows into raw.{source}")
+        for source in FIVETRAN_SOURCES:
+            response = send_sync_end(stack.webhook_url, stack.webhook_secret, f"demo_{source}")
+            echo(f"   POST sync_end for demo_{source} (signed) → {response.status_code}")
+            ok &= response.status_code == 202
+        new = runs.settle(before, want={TRANSFORM_ON_SYNC: 1})
+        ok &= _report(new, runs, echo)
+
+        echo("\n2. a file of events lands → load-and-transform (COPY) → only events' models")
+        before = runs.known()
+        path = write_demo_batch(settings.stage_root_path, "events", 1)
+        echo(f"   landed {path.name} (50 lines, 2 of them malformed)")
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(
+            f"{LOAD_AND_TRANSFORM}/{LOAD_AND_TRANSFORM}",
+            parameters={"source": "events"},
+            timeout=SETTLE_TIMEOUT_SECONDS,
+        )
+        loaded = _Run(LOAD_AND_TRANSFORM, flow_run)
+        ok &= _report([loaded], runs, echo)
+
+        echo("\n3. every source is fresh → full-run-when-fresh builds everything, once")
+        new = runs.settle(before, want={LOAD_AND_TRANSFORM: 1, FULL_RUN: 1})
+        ok &= _report([r for r in new if r.id != loaded.id], runs, echo)
+        full_builds = [r for r in new if r.deployment == FULL_RUN and runs.models(r)]
+        ok &= len(full_builds) == 1
+
+        echo("\n4. pipeline status (ops.pipeline_status):")
+        echo(render_text_table(status_table(warehouse.pipeline_status())))
         echo(
-            "Prefect: no PREFECT_API_URL set, so flows run against a temporary local API "
-            "(start `prefect server start` and export PREFECT_API_URL to watch them in the UI)"
+            f"\nwhere to look next:\n  Prefect UI:  {stack.ui_url}/runs  (flow runs, per-model "
+            "tasks, artifacts: pipeline-status, load-to-transform latency, source freshness)\n"
+            f"  DuckDB:      duckdb {settings.duckdb_file}  then  select * from "
+            "ops.pipeline_status;\n"
+            "  plan:        postload plan orders   (what a load of orders would build)\n"
+            "  the stack:   postload stack   (server + UI, runner, receiver; Ctrl-C stops it)"
+        )
+        echo("\ndemo: " + ("every step did what it should" if ok else "SOMETHING WENT WRONG"))
+        return ok
+
+
+def _fivetran_sync(settings: Settings, source: str, batch: int) -> int:
+    """What a Fivetran connector does: rows appear in the raw table (here via the DuckDB loader)."""
+    from postload.warehouse._duckdb import DuckDBWarehouse
+
+    pipeline = settings.load_pipeline()
+    write_demo_batch(settings.stage_root_path, source, batch)
+    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
+    with warehouse_writer(settings):
+        warehouse.ensure_schema()
+        results = warehouse.load(pipeline.source(source), None)
+    return sum(r.rows_loaded for r in results)
+
+
+class _Run:
+    def __init__(self, deployment: str, run: Any) -> None:
+        self.deployment = deployment
+        self.run = run
+
+    @property
+    def id(self) -> Any:
+        return self.run.id
+
+
+class _Runs:
+    """The stack's flow runs, read through the Prefect API (what the UI shows)."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        self.deployments = {
+            name: stack.deployment_id(name)
+            for name in (TRANSFORM_ON_SYNC, FULL_RUN, LOAD_AND_TRANSFORM)
+        }
+
+    def all(self) -> list[_Run]:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        names = {v: k for k, v in self.deployments.items()}
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=list(self.deployments.values()))
+                )
+            )
+        return [_Run(names[r.deployment_id], r) for r in runs]
+
+    def known(self) -> set[Any]:
+        return {r.id for r in self.all()}
+
+    def settle(self, before: set[Any], *, want: dict[str, int]) -> list[_Run]:
+        deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
+        quiet_since, last_count = time.monotonic(), -1
+        while True:
+            self.stack.check_alive()
+            new = [r for r in self.all() if r.id not in before]
+            if len(new) != last_count:
+                quiet_since, last_count = time.monotonic(), len(new)
+            enough = all(
+                sum(r.deployment == name for r in new) >= count for name, count in want.items()
+            )
+            final = all(r.run.state and r.run.state.is_final() for r in new)
+            if enough and final and time.monotonic() - quiet_since >= QUIET_SECONDS:
+                return sorted(new, key=lambda r: r.run.expected_start_time or r.run.created)
+            if time.monotonic() > deadline:
+                states = [(r.deployment, r.run.state_name) for r in new]
+                raise StackError(f"runs did not settle in {SETTLE_TIMEOUT_SECONDS:.0f} s: {states}")
+            time.sleep(0.5)
+
+    def models(self, run: _Run) -> list[str]:
+        """The dbt models a flow run built: prefect-dbt's per-node task runs."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+        return sorted(
+            t.name.removeprefix("model ")
+            for t in tasks
+            if t.name.startswith("model ") and t.state_name == "Completed"
         )
 
-    failures = 0
-    for source in DEMO_SOURCES:
-        if _next_batch(settings, source) == 1:
-            path = write_demo_batch(stage, source, 1)
-            echo(f"\n→ landed {path.name} (50 lines, 2 malformed) for {source}")
-    for source in DEMO_SOURCES:
-        failures += _run(load_and_transform, source, echo)
 
-    for _ in range(event_batches):
-        path = write_demo_batch(stage, "events", _next_batch(settings, "events"))
-        echo(f"\n→ landed {path.name} for events: only models downstream of events rebuild")
-        failures += _run(load_and_transform, "events", echo)
-
-    echo("\n→ orders again with no new files: a quiet no-op")
-    failures += _run(load_and_transform, "orders", echo)
-
-    warehouse = open_warehouse(settings, pipeline)
-    echo("\npipeline status (ops.pipeline_status):")
-    echo(render_text_table(status_table(warehouse.pipeline_status())))
-    echo("\nwhere to look next:")
-    ui = PREFECT_UI_URL.value()
-    if PREFECT_API_URL.value() and ui:
-        echo(f"  Prefect UI:  {ui}/runs  (flow runs, per-model tasks, artifacts)")
-    echo(f"  DuckDB:      duckdb {settings.duckdb_file}  then  select * from ops.pipeline_status;")
-    echo("  plan:        postload plan orders   (what a load of orders would build)")
-    return 1 if failures else 0
-
-
-def _run(flow_fn, source: str, echo: Callable[[str], None]) -> int:
-    try:
-        result = flow_fn(source)
-    except Exception as exc:
-        echo(f"  {source}: FAILED: {exc}")
-        return 1
-    built = [uid.split(".")[-1] for uid in result["dbt_nodes"] if uid.startswith("model.")]
-    echo(
-        f"  {source}: {result['outcome']} ({result['rows_loaded']} rows, "
-        f"{result['rows_rejected']} rejected), dbt {result['dbt_status']}"
-        + (f": built {', '.join(built)}" if built else "")
-    )
-    return 0
+def _report(new: list[_Run], runs: _Runs, echo: Callable[[str], None]) -> bool:
+    ok = True
+    for run in new:
+        models = runs.models(run)
+        what = f"built {', '.join(models)}" if models else "built nothing"
+        if not models and run.deployment == FULL_RUN:
+            what += " (a tracked source is not fresh yet: its source-freshness artifact says which)"
+        elif not models and run.deployment == TRANSFORM_ON_SYNC:
+            what += " (nothing new since the last build)"
+        if run.run.state_name == "Cancelled":
+            what = "cancelled: another run of it was in progress and covers this event"
+        echo(f"   {run.deployment} {run.run.name}: {run.run.state_name}, {what}")
+        ok &= run.run.state_name in ("Completed", "Cancelled")
+    return ok

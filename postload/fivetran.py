@@ -36,7 +36,9 @@ __all__ = [
     "FivetranWebhook",
     "cloud_webhook_template",
     "prefect_event_name",
+    "sign",
     "signature_problem",
+    "sync_end_body",
     "to_prefect_event",
     "verify_signature",
 ]
@@ -56,6 +58,36 @@ Label = Annotated[str, Field(max_length=500)]
 
 
 # --- signature -------------------------------------------------------------------------------
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The ``X-Fivetran-Signature-256`` value Fivetran sends for ``body``."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def sync_end_body(
+    connector_id: str,
+    *,
+    status: str = SUCCESSFUL,
+    sync_id: str,
+    created: datetime,
+    connector_name: str | None = None,
+    connector_type: str = "postgres",
+    group_id: str = "postload_demo",
+) -> bytes:
+    """A ``sync_end`` webhook body in Fivetran's documented shape (for demos and tests)."""
+    return json.dumps(
+        {
+            "event": "sync_end",
+            "created": _iso(created),
+            "connector_type": connector_type,
+            "connector_id": connector_id,
+            "connector_name": connector_name or connector_id,
+            "sync_id": sync_id,
+            "destination_group_id": group_id,
+            "data": {"status": status},
+        }
+    ).encode()
 
 
 def signature_problem(body: bytes, header: str | None, secret: str) -> str | None:

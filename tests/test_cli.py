@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import yaml
@@ -11,18 +12,29 @@ from tests.conftest import PostloadHome
 
 runner = CliRunner()
 
-COMMANDS = [
-    [],
-    ["demo"],
-    ["run"],
-    ["plan"],
-    ["sources"],
-    ["status"],
-    ["receiver"],
-    ["cloud-webhook-template"],
-    ["blocks"],
-    ["blocks", "register"],
-]
+
+def _all_commands() -> list[list[str]]:
+    """Every command and sub-command of the CLI, found from the app itself."""
+    import typer
+
+    found: list[list[str]] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        found.append(path)
+        if hasattr(command, "commands"):  # a group (typer ships its own click classes)
+            for name, sub in command.commands.items():
+                walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+COMMANDS = _all_commands()
+
+
+def test_the_cli_has_the_documented_commands() -> None:
+    names = {" ".join(c) for c in COMMANDS}
+    assert {"demo", "stack", "send-sync", "serve", "receiver", "plan", "automations apply"} <= names
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "postload")

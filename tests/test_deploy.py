@@ -1,0 +1,433 @@
+"""`prefect deploy --all`, as a person or CI runs it, against the session's Prefect server.
+
+The deployments are read back through the API and compared with prefect.yaml; the pull step is run
+the way a process worker runs it; prefect.docker.yaml is deployed with prefect-docker's build and
+push steps replaced by a recorder (no Docker engine here) to check its image and pool wiring; and
+the CI workflow is checked to deploy only from main, after the tests, with pinned actions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.responses import DeploymentResponse
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+from prefect.exceptions import ObjectNotFound
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+from tests.conftest import REPO
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+LOCAL_FILE = REPO / "prefect.yaml"
+DOCKER_FILE = REPO / "prefect.docker.yaml"
+WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
+DEPLOY_TIMEOUT = 300
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def cli_env(api_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a person deploying to this server: none of the caller's PREFECT_*
+    settings (an API URL or key would point elsewhere), and no POSTLOAD_PROJECT_DIR, which
+    `prefect deploy` would store in the pull step instead of leaving it to the worker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "POSTLOAD_"))}
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        **extra,
+    )
+    return env
+
+
+def prefect_deploy_all(api_url: str, *args: str, **env: str) -> str:
+    result = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all", *args],
+        cwd=REPO,
+        env=cli_env(api_url, **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=DEPLOY_TIMEOUT,
+    )
+    assert result.returncode == 0, f"prefect deploy failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def ensure_pool(client: SyncPrefectClient, pool: dict[str, Any]) -> bool:
+    """Create the work pool a file declares, with the type it documents; True if created here."""
+    try:
+        existing = client.read_work_pool(pool["name"])
+    except ObjectNotFound:
+        pass
+    else:
+        assert existing.type == pool["type"], f"{pool['name']} exists with another type"
+        return False
+    template = run_coro_as_sync(get_default_base_job_template_for_infrastructure_type(pool["type"]))
+    assert template, f"no default job template for work pool type {pool['type']!r}"
+    client.create_work_pool(
+        WorkPoolCreate(name=pool["name"], type=pool["type"], base_job_template=template)
+    )
+    return True
+
+
+def read_deployment(client: SyncPrefectClient, name: str, suffix: str = "") -> DeploymentResponse:
+    # Each flow is named like its deployment (tests/test_entrypoints.py checks this).
+    return client.read_deployment_by_name(f"{name}/{name}{suffix}")
+
+
+def remove(client: SyncPrefectClient, names: list[str], suffix: str = "") -> None:
+    """Delete whatever a deploy created, even one that failed halfway. Deployment triggers are
+    automations the server keeps after their deployment is gone; left behind, they would start
+    runs from other tests' events."""
+    for name in names:
+        try:
+            deployment = read_deployment(client, name, suffix)
+        except ObjectNotFound:
+            continue
+        client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
+        client.delete_deployment(deployment.id)
+
+
+def schedule_key(schedule: Any, active: bool) -> tuple[str, Any, bool]:
+    if isinstance(schedule, CronSchedule):
+        return ("cron", schedule.cron, active)
+    if isinstance(schedule, IntervalSchedule):
+        return ("interval", schedule.interval, active)
+    raise AssertionError(f"unexpected schedule type {schedule!r}")
+
+
+def declared_schedule_key(spec: dict[str, Any]) -> tuple[str, Any, bool]:
+    active = spec.get("active", True)
+    if "cron" in spec:
+        return ("cron", spec["cron"], active)
+    return ("interval", timedelta(seconds=spec["interval"]), active)
+
+
+def assert_deployed_as_declared(
+    client: SyncPrefectClient,
+    deployment: DeploymentResponse,
+    spec: dict[str, Any],
+    pull_steps: list[dict[str, Any]],
+) -> None:
+    name = spec["name"]
+    assert deployment.entrypoint == spec["entrypoint"], name
+    assert deployment.description == spec["description"], name
+    assert deployment.tags == spec["tags"], name
+    assert deployment.parameters == spec.get("parameters", {}), name
+    assert deployment.work_pool_name == spec["work_pool"]["name"], name
+    assert deployment.work_queue_name == spec["work_pool"]["work_queue_name"], name
+    assert deployment.pull_steps == pull_steps, name
+    assert not deployment.paused, name
+
+    assert sorted(schedule_key(s.schedule, s.active) for s in deployment.schedules) == sorted(
+        declared_schedule_key(s) for s in spec.get("schedules", [])
+    ), name
+
+    limit = spec.get("concurrency_limit")
+    if limit is None:
+        assert deployment.global_concurrency_limit is None, name
+    else:
+        assert deployment.global_concurrency_limit is not None, name
+        assert deployment.global_concurrency_limit.limit == limit["limit"], name
+        options = deployment.concurrency_options
+        assert options is not None, name
+        assert options.collision_strategy.value == limit["collision_strategy"], name
+
+    automations = {
+        a.name: a
+        for a in client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+    }
+    declared = {t["name"]: t for t in spec.get("triggers", [])}
+    assert sorted(automations) == sorted(declared), name
+    for trigger_name, trigger in declared.items():
+        automation = automations[trigger_name]
+        assert automation.enabled is trigger["enabled"], (name, trigger_name)
+        assert automation.trigger.expect == set(trigger["expect"]), (name, trigger_name)
+        assert automation.trigger.match.model_dump() == trigger["match"], (name, trigger_name)
+        assert automation.trigger.posture.value == trigger["posture"], (name, trigger_name)
+        assert automation.trigger.threshold == trigger["threshold"], (name, trigger_name)
+        assert automation.trigger.within == timedelta(seconds=trigger["within"])
+        [action] = automation.actions
+        assert action.type == "run-deployment", (name, trigger_name)
+        assert action.deployment_id == deployment.id, (name, trigger_name)
+        # Event templates must reach the server unrendered: they are filled per event.
+        assert action.parameters == trigger["parameters"], (name, trigger_name)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    output: str
+    deployments: dict[str, DeploymentResponse]
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: str) -> Iterator[Deployed]:
+    """prefect.yaml's deployments on the session server, created by `prefect deploy --all`."""
+    document = load(LOCAL_FILE)
+    pool = document["definitions"]["work_pools"]["local"]
+    names = [spec["name"] for spec in document["deployments"]]
+    with get_client(sync_client=True) as client:
+        created_pool = ensure_pool(client, pool)
+        try:
+            output = prefect_deploy_all(prefect_server)
+            yield Deployed(output, {name: read_deployment(client, name) for name in names})
+        finally:
+            remove(client, names)
+            if created_pool:
+                client.delete_work_pool(pool["name"])
+
+
+def test_deploy_all_creates_every_deployment_as_declared(deployed: Deployed) -> None:
+    document = load(LOCAL_FILE)
+    # The embedded default builds and pushes nothing: no Docker engine or prefect-docker needed.
+    assert "build steps" not in deployed.output
+    assert "push steps" not in deployed.output
+    assert sorted(deployed.deployments) == sorted(d["name"] for d in document["deployments"])
+    with get_client(sync_client=True) as client:
+        for spec in document["deployments"]:
+            assert_deployed_as_declared(
+                client, deployed.deployments[spec["name"]], spec, document["pull"]
+            )
+            # The pool type prefect.yaml documents is the one the runs are sent to.
+            pool = client.read_work_pool(deployed.deployments[spec["name"]].work_pool_name)
+            assert pool.type == spec["work_pool"]["type"] == "process"
+
+
+LOAD_FLOWS = """
+import asyncio, json, os, sys
+from prefect.client.orchestration import get_client
+from prefect.flows import load_flow_from_flow_run
+
+async def main():
+    loaded = []
+    async with get_client() as client:
+        for run_id in sys.argv[1:]:
+            flow = await load_flow_from_flow_run(await client.read_flow_run(run_id))
+            loaded.append({"flow": flow.name, "cwd": os.getcwd()})
+    print(json.dumps(loaded))
+
+asyncio.run(main())
+"""
+
+
+def test_flow_runs_load_their_flow_from_the_checkout_in_postload_project_dir(
+    deployed: Deployed, prefect_server: str, tmp_path: Path
+) -> None:
+    """What a process worker's flow-run process does before the flow starts: run the stored pull
+    step (here, with the worker's POSTLOAD_PROJECT_DIR) and import the entrypoint from there. It
+    starts in an empty folder, as the worker's runs do."""
+    with get_client(sync_client=True) as client:
+        flow_runs = [
+            client.create_flow_run_from_deployment(d.id) for d in deployed.deployments.values()
+        ]
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", LOAD_FLOWS, *(str(r.id) for r in flow_runs)],
+                cwd=tmp_path,
+                env=cli_env(prefect_server, POSTLOAD_PROJECT_DIR=str(REPO)),
+                capture_output=True,
+                text=True,
+                timeout=DEPLOY_TIMEOUT,
+            )
+        finally:
+            for flow_run in flow_runs:
+                client.delete_flow_run(flow_run.id)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == [{"flow": name, "cwd": str(REPO)} for name in deployed.deployments]
+
+
+FAKE_PREFECT_DOCKER = '''
+"""Records the calls prefect.docker.yaml makes to prefect-docker's steps and answers as they do."""
+import json, os
+
+def _record(step, **kwargs):
+    with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
+        log.write(json.dumps({"step": step, "cwd": os.getcwd(), **kwargs}) + "\\n")
+
+def build_docker_image(image_name, dockerfile="Dockerfile", tag=None, additional_tags=None, **kw):
+    _record("build", image_name=image_name, dockerfile=dockerfile, tag=tag, **kw)
+    return {"image_name": image_name, "tag": tag, "image": f"{image_name}:{tag}",
+            "image_id": "sha256:0", "additional_tags": additional_tags or []}
+
+def push_docker_image(image_name, tag=None, credentials=None, additional_tags=None):
+    _record("push", image_name=image_name, tag=tag)
+    return {"image_name": image_name, "tag": tag, "image": f"{image_name}:{tag}",
+            "additional_tags": additional_tags or []}
+'''
+
+
+def with_fake_docker_steps(document: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """prefect.docker.yaml with prefect-docker swapped for the recorder (`requires` dropped, or
+    Prefect would try to pip-install it) and deployment names suffixed, so this check never
+    replaces the deployments another test made from prefect.yaml."""
+    for section in ("build", "push"):
+        steps = []
+        for step in document[section]:
+            [(fqn, inputs)] = step.items()
+            assert fqn.startswith("prefect_docker.deployments.steps."), fqn
+            inputs = {k: v for k, v in inputs.items() if k != "requires"}
+            steps.append({"fake_prefect_docker." + fqn.rsplit(".", 1)[1]: inputs})
+        document[section] = steps
+    for spec in document["deployments"]:
+        spec["name"] += suffix
+    return document
+
+
+def test_docker_file_deploys_the_image_it_builds_on_the_docker_pool(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    document = load(DOCKER_FILE)
+    pool = document["definitions"]["work_pools"]["docker"]
+    suffix = f"-docker-{uuid.uuid4().hex[:6]}"
+    deploy_file = tmp_path / "prefect.docker.yaml"
+    deploy_file.write_text(yaml.safe_dump(with_fake_docker_steps(load(DOCKER_FILE), suffix)))
+    (tmp_path / "fake_prefect_docker.py").write_text(FAKE_PREFECT_DOCKER)
+    log = tmp_path / "docker-calls.jsonl"
+    image_name, tag = "registry.example.test/data/postload", "3f2a9c1"
+
+    names = [spec["name"] for spec in document["deployments"]]
+    with get_client(sync_client=True) as client:
+        created_pool = ensure_pool(client, pool)
+        try:
+            prefect_deploy_all(
+                prefect_server,
+                "--prefect-file",
+                str(deploy_file),
+                PYTHONPATH=str(tmp_path),
+                FAKE_DOCKER_LOG=str(log),
+                POSTLOAD_IMAGE=image_name,
+                POSTLOAD_IMAGE_TAG=tag,
+            )
+            for spec in document["deployments"]:
+                deployment = read_deployment(client, spec["name"], suffix)
+                assert_deployed_as_declared(
+                    client, deployment, {**spec, "name": spec["name"] + suffix}, document["pull"]
+                )
+                assert deployment.job_variables == {"image": f"{image_name}:{tag}"}
+            assert client.read_work_pool(pool["name"]).type == "docker"
+        finally:
+            remove(client, names, suffix)
+            if created_pool:
+                client.delete_work_pool(pool["name"])
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {c["step"] for c in calls} == {"build", "push"}
+    for call in calls:
+        assert (call["image_name"], call["tag"]) == (image_name, tag)
+        # prefect-docker builds with the deploying directory as the context.
+        assert call["cwd"] == str(REPO)
+    for build in (c for c in calls if c["step"] == "build"):
+        assert (REPO / build["dockerfile"]).is_file()
+    # The container changes into the folder the image keeps the project in (test_dockerfile.py
+    # checks that this is the Dockerfile's WORKDIR).
+    assert document["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/postload"}}
+    ]
+
+
+def test_docker_file_declares_the_same_deployments_as_prefect_yaml() -> None:
+    """Production runs what the embedded default runs: only where (`work_pool`) differs."""
+    local, docker = load(LOCAL_FILE), load(DOCKER_FILE)
+    assert [d["name"] for d in docker["deployments"]] == [d["name"] for d in local["deployments"]]
+    for ours, theirs in zip(local["deployments"], docker["deployments"], strict=True):
+        assert {k: v for k, v in ours.items() if k != "work_pool"} == {
+            k: v for k, v in theirs.items() if k != "work_pool"
+        }, ours["name"]
+        assert theirs["work_pool"] == docker["definitions"]["work_pools"]["docker"]
+    assert docker["definitions"]["work_pools"]["docker"]["job_variables"]["image"] == (
+        "{{ build-image.image }}"
+    )
+    assert [next(iter(s)) for s in docker["build"]] == [
+        "prefect_docker.deployments.steps.build_docker_image"
+    ]
+    assert docker["build"][0]["prefect_docker.deployments.steps.build_docker_image"]["id"] == (
+        "build-image"
+    )
+    # The embedded default deploys with nothing to build or push.
+    assert local["build"] is None and local["push"] is None
+
+
+# --- the CI workflow ---------------------------------------------------------------------------
+
+SHA_PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
+
+
+def workflow() -> dict[str, Any]:
+    return load(WORKFLOW)
+
+
+def steps(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return job.get("steps", [])
+
+
+def runs(job: dict[str, Any]) -> str:
+    return "\n".join(s.get("run", "") for s in steps(job))
+
+
+def test_ci_actions_are_pinned_to_commits() -> None:
+    uses = [s["uses"] for job in workflow()["jobs"].values() for s in steps(job) if "uses" in s]
+    assert uses, "the workflow uses no actions: checkout and setup-python are expected"
+    assert [u for u in uses if not SHA_PINNED.match(u)] == []
+    # A bare SHA says nothing to a reader: each pin carries the version it stands for.
+    for line in WORKFLOW.read_text().splitlines():
+        if re.match(r"\s*(- )?uses:", line):
+            assert re.search(r"#\s*v\d", line), line
+
+
+def test_ci_tests_every_push_and_pull_request_with_make_test() -> None:
+    document = workflow()
+    # YAML 1.1 reads the bare key `on` as true.
+    on = document.get("on", document.get(True))
+    assert on["push"]["branches"] == ["main"]
+    assert "pull_request" in on
+    test = document["jobs"]["test"]
+    assert test["runs-on"].startswith("ubuntu")
+    assert "if" not in test
+    assert re.search(r"^make test$", runs(test), re.M)
+    [python] = [s for s in steps(test) if s.get("uses", "").startswith("actions/setup-python@")]
+    assert str(python["with"]["python-version"]) == "3.11"
+
+
+def test_ci_deploys_from_main_after_the_tests_with_the_api_key_from_secrets() -> None:
+    deploy = workflow()["jobs"]["deploy"]
+    needs = deploy["needs"]
+    assert "test" in ([needs] if isinstance(needs, str) else needs)
+    condition = deploy["if"]
+    assert "github.ref == 'refs/heads/main'" in condition
+    assert "github.event_name == 'push'" in condition
+
+    env = dict(deploy.get("env", {}))
+    deploy_steps = [s for s in steps(deploy) if "deploy --all" in s.get("run", "")]
+    assert len(deploy_steps) == 1
+    env.update(deploy_steps[0].get("env", {}))
+    for name in ("PREFECT_API_KEY", "PREFECT_API_URL"):
+        secret = re.fullmatch(r"\$\{\{\s*secrets\.(\w+)\s*\}\}", env[name])
+        assert secret and secret.group(1) == name, f"{name}: {env[name]!r}"
+    # Never on a command line or in output, where logs would keep it.
+    assert "PREFECT_API_KEY" not in runs(deploy)
+    # The pull step must stay a template for the worker, not the CI runner's checkout path.
+    assert "POSTLOAD_PROJECT_DIR" not in env
+
+    commands = [s.get("run", "") for s in steps(deploy)]
+    setup = next(i for i, c in enumerate(commands) if re.search(r"^make setup$", c, re.M))
+    assert setup < commands.index(deploy_steps[0]["run"])

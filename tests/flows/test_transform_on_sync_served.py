@@ -303,3 +303,83 @@ def test_lost_webhook_is_caught_by_the_next_run(served: ServedStack) -> None:
     runs = served.settle(at_least=1)
     assert transformed_sources(served.home, runs) == ["customers", "events"]
     assert len(builds_of(served.home, runs)) == 1
+
+
+SLOW_MODEL = """
+import time
+
+
+def model(dbt, session):
+    # Long enough to be killed in the middle of the build.
+    dbt.config(materialized="table")
+    events = dbt.ref("stg_events")
+    time.sleep(300)
+    return events
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _flow_run_processes(serve_pid: int) -> list[int]:
+    """The processes running flow runs: children of the runner's forkserver."""
+    processes = []
+    for child in _children(serve_pid):
+        if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+            processes += _children(child)
+    return processes
+
+
+def test_a_run_killed_mid_build_is_crashed_and_the_next_run_covers_its_data(
+    served: ServedStack,
+) -> None:
+    slow = served.home.root / "dbt_project" / "models" / "marts" / "slow_events.py"
+    slow.write_text(SLOW_MODEL)
+    try:
+        served.land("events", 6)
+        served.post_sync_end("events")
+
+        def slow_model_running() -> Any:
+            new = [r.id for r in served.runs() if r.id not in served.seen]
+            if not new:
+                return None
+            with get_client(sync_client=True) as client:
+                tasks = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=new))
+                )
+            running = [
+                t for t in tasks if t.name == "model slow_events" and t.state_name == "Running"
+            ]
+            return running[0].flow_run_id if running else None
+
+        victim = served.wait_for(slow_model_running, "the slow model to be running")
+        killed = _flow_run_processes(served.procs[1].pid)
+        assert killed, "no flow-run process under the runner"
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)  # what the OOM killer or a lost machine does
+    finally:
+        slow.unlink()
+
+    crashed = served.settle(at_least=1)
+    assert [(r.id, r.state_name) for r in crashed if r.id == victim] == [(victim, "Crashed")]
+    assert transformed_sources(served.home, crashed) == []  # nothing claims the data was built
+
+    # No manual step: the next wake-up (here another connector's sync; the sweep would do too)
+    # builds events, whose rows are still newer than its last transform.
+    served.land("orders", 6)
+    served.post_sync_end("orders")
+    runs = served.settle(at_least=1)
+    assert transformed_sources(served.home, runs) == ["events", "orders"]
+    built = set().union(*(b["models"] for b in builds_of(served.home, runs)))
+    assert {"stg_events", "fct_daily_events", "stg_orders"} <= built
+    assert "slow_events" not in built

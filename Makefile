@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 # budget is too tight on a 2-core machine (~25 s measured).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test lint lock bench bench-quick clean
+.PHONY: setup demo test lint lock bench bench-quick faults faults-quick clean
 
 $(BIN)/postload: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/orchestration.py --quick
+
+## Prove it under faults: 1,000 signed webhooks, a receiver SIGKILL and a 60 s API outage (bench/faults.py).
+faults: setup
+	$(BIN)/python bench/faults.py
+
+faults-quick: setup
+	$(BIN)/python bench/faults.py --quick
 
 clean:
 	rm -rf .postload dbt_project/target dbt_project/logs

@@ -162,8 +162,8 @@ def land(home: Path, source: str, batch: int, *, generated: bool) -> None:
         write_demo_batch(stage, source, batch)
     pipeline = settings.load_pipeline()
     warehouse = DuckDBWarehouse(settings.duckdb_file, stage, pipeline)
-    warehouse.ensure_schema()
-    with _writer(settings):
+    with _writer(settings):  # a served run may be writing: DuckDB has one writer per file
+        warehouse.ensure_schema()
         warehouse.load(pipeline.source(source), None)
 
 

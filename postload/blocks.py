@@ -332,11 +332,17 @@ def slack_notification_block(webhook_url: str) -> CustomWebhookNotificationBlock
     The URL's secret part (after ``/services/``, or the whole path) is kept in the block's
     ``secrets``, so the block document shows only ``https://hooks.slack.com/services/{{...}}``.
     """
+    scheme, has_scheme, rest = webhook_url.partition("://")
+    host, _, path = rest.partition("/")
+    if not has_scheme or scheme not in ("https", "http") or not host or not path:
+        # Never echo the value: a pasted "T…/B…/…" path alone is the whole secret.
+        raise _Invalid(
+            "SLACK_WEBHOOK_URL is not a webhook URL: expected "
+            "https://hooks.slack.com/services/T…/B…/… (scheme, host and path)"
+        )
     base, marker, secret = webhook_url.partition("/services/")
     if not marker:
-        scheme, _, rest = webhook_url.partition("://")
-        host, _, secret = rest.partition("/")
-        base, marker = f"{scheme}://{host}", "/"
+        base, marker, secret = f"{scheme}://{host}", "/", path
     return CustomWebhookNotificationBlock(
         name="postload-slack",
         url=f"{base}{marker}{{{{slack_webhook_path}}}}",

@@ -56,7 +56,15 @@ def check_identifier(value: str) -> str:
 
 
 def check_dbt_selection(value: str) -> str:
-    if not isinstance(value, str) or not _DBT_SELECTION.fullmatch(value) or value.startswith("-"):
+    # No space-separated word may start with "-": the dbt Cloud runner sends the selection inside
+    # the command string `dbt build --select <selection>`, where such a word is an option
+    # (`source:events+ --full-refresh --target prod`). A blank selection selects nothing.
+    if (
+        not isinstance(value, str)
+        or not _DBT_SELECTION.fullmatch(value)
+        or not value.split()
+        or any(word.startswith("-") for word in value.split())
+    ):
         raise ValueError(
             f"{value!r} is not a dbt selection: expected node-selection syntax such as "
             "'source:events+', 'tag:hourly' or 'stg_orders+' (letters, digits and _ . : * + @ / , -)"
@@ -92,7 +100,11 @@ class FivetranLoader(_Strict):
     """A Fivetran connector writes the raw table; postload only transforms after its syncs."""
 
     type: Literal["fivetran"]
-    connector_id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_\-]+$")]
+    # The receiver's pattern (postload.fivetran.FivetranId): an id it refuses could never trigger
+    # this source, and a leading "-" reads as an option on a command line.
+    connector_id: Annotated[
+        str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+    ]
 
 
 class Selection(_Strict):
@@ -164,14 +176,20 @@ def parse_duration(value: object) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return timedelta(minutes=value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None or int(match.group(1)) <= 0:
-        raise ValueError(
-            f"{value!r} is not a duration: expected a positive number of minutes or a string "
-            "like '30m', '2h' or '1d'"
-        )
-    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+        seconds = value * 60
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if match is None or int(match.group(1)) <= 0:
+            raise ValueError(
+                f"{value!r} is not a duration: expected a positive number of minutes or a string "
+                "like '30m', '2h' or '1d'"
+            )
+        seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        # Not a ValueError, so pydantic would let it escape the loader instead of reporting it.
+        raise ValueError(f"{value!r} is too long a duration (at most 999999999 days)") from None
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -261,7 +279,16 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
         raise ConfigError(f"{path}: pipeline config not found (expected a YAML file)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (expected a UTF-8 YAML file): {exc}") from None
     except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively.
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:
+        # PyYAML's constructors raise plain ValueErrors: an integer over Python's 4300-digit
+        # limit, an impossible date such as 2024-13-45.
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'sources' list at the top level")
@@ -336,8 +363,10 @@ class Settings(BaseSettings):
     dbt_cloud_poll_seconds: float = Field(10.0, gt=0)
 
     warehouse_concurrency_limit: str = "postload-warehouse"
+    # 1 s catches syncs whose webhooks arrive together (a burst posted at once lands well inside
+    # it) at a fifth of the 5 s webhook-to-dbt budget; later ones get the one follow-up build.
     sync_debounce_seconds: float = Field(
-        2.0, ge=0, le=600, description="wait before planning an event-triggered transform"
+        1.0, ge=0, le=600, description="wait before planning an event-triggered transform"
     )
     sync_max_rounds: int = Field(5, ge=1, le=50)
 

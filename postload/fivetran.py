@@ -28,7 +28,7 @@ from importlib.resources import files
 from typing import Annotated, Any
 from uuid import NAMESPACE_URL, uuid5
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -141,6 +141,18 @@ class FivetranWebhook(BaseModel):
     data: dict[str, Any] | None = None
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("created")
+    @classmethod
+    def _exists_in_utc(cls, value: datetime | None) -> datetime | None:
+        # "0001-01-01T00:00:00+01:00" parses, but is before year 1 in UTC: turning it into the
+        # event's "occurred" would raise OverflowError (a 500, which Fivetran retries for a day).
+        if value is not None:
+            try:
+                _iso(value)
+            except OverflowError:
+                raise ValueError("a timestamp within the years 1 to 9999 in UTC") from None
+        return value
 
     @model_validator(mode="wrap")
     @classmethod

@@ -30,6 +30,7 @@ import base64
 import gc
 import json
 import logging
+import math
 import signal
 import sqlite3
 import threading
@@ -87,6 +88,10 @@ PRUNE_EVERY_SECONDS = 3600.0
 DRAIN_LIMIT_BYTES = 32 << 20
 # How many validation problems a 400 lists; the rest are counted, never echoed.
 MAX_LISTED_ERRORS = 10
+# Bodies nested deeper are refused (400). Fivetran's are a few levels deep; Prefect's API answers
+# 500 for an event nested some hundreds deep, and a 500 keeps the forwarder retrying that batch,
+# and every event behind it, forever.
+MAX_JSON_DEPTH = 64
 
 
 def _utcnow() -> str:
@@ -389,6 +394,11 @@ class Receiver:
             log["event"] = TEST_EVENT
             return 200, {"accepted": False, "reason": TEST_EVENT}
 
+        unstorable = _unstorable(data)
+        if unstorable is not None:
+            log["error"] = "unstorable"
+            return 400, {"error": f"body cannot become a Prefect event: {unstorable}"}
+
         try:
             hook = FivetranWebhook.model_validate(data)
         except ValidationError as exc:
@@ -595,6 +605,36 @@ def _cut_at_bytes(rows: list[tuple[str, str]], limit: int) -> list[tuple[str, st
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _unstorable(body: Any) -> str | None:
+    """Why the parsed body cannot be forwarded as a Prefect event, or None.
+
+    Each reason is something ``json.loads`` accepts but the Prefect API cannot store: it answers
+    500 for a lone UTF-16 surrogate (a ``"\\ud800"`` escape) and for deep nesting, which would
+    block the outbox, and ``1e400`` parses as infinity, which is not JSON at all.
+    """
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"nested deeper than {MAX_JSON_DEPTH} levels"
+        for child in [*node, *node.values()] if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+            elif isinstance(child, str) and not child.isascii() and not _is_utf8(child):
+                return "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+            elif isinstance(child, float) and not math.isfinite(child):
+                return "a number is out of the range of a double"
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _snippet(text: str, limit: int = 200) -> str:

@@ -357,6 +357,30 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def timing_row(posted: float, run: Any, node: datetime) -> dict[str, float]:
+    """Where the time from the webhook post to the first dbt node went, from the run's stamps."""
+    return {
+        "created": run.created.timestamp() - posted,
+        "running": run.start_time.timestamp() - run.created.timestamp(),
+        "first_node": node.timestamp() - run.start_time.timestamp(),
+        "total": node.timestamp() - posted,
+    }
+
+
+def describe_row(row: dict[str, float]) -> str:
+    return (
+        f"{row['total']:.2f} s (→created {row['created']:.2f}, →running {row['running']:.2f}, "
+        f"→node {row['first_node']:.2f})"
+    )
+
+
+def print_timings(rows: list[dict[str, float]], labels: dict[str, str], indent: str = "  ") -> None:
+    print(f"{indent}{'part':<44} {'p50 s':>7} {'p95 s':>7}")
+    for key, label in labels.items():
+        values = [r[key] for r in rows]
+        print(f"{indent}{label:<44} {statistics.median(values):>7.2f} {pct(values, 0.95):>7.2f}")
+
+
 def first_node_started(home: Path, flow_run_id: uuid.UUID) -> datetime | None:
     rows = query(
         home,
@@ -390,19 +414,9 @@ def latency(args: argparse.Namespace, work: Path, api_url: str) -> None:
                 node = first_node_started(home, run.id)
                 if run.state_name != "Completed" or node is None:
                     raise RuntimeError(f"run {run.id} ended {run.state_name}, first node {node}")
-                rows.append(
-                    {
-                        "created": run.created.timestamp() - posted,
-                        "running": run.start_time.timestamp() - run.created.timestamp(),
-                        "first_node": node.timestamp() - run.start_time.timestamp(),
-                        "total": node.timestamp() - posted,
-                    }
-                )
+                rows.append(timing_row(posted, run, node))
                 print(
-                    f"  event {i + 1:>2}: post→first dbt node {rows[-1]['total']:.2f} s "
-                    f"(→created {rows[-1]['created']:.2f}, →running {rows[-1]['running']:.2f}, "
-                    f"→node {rows[-1]['first_node']:.2f})",
-                    flush=True,
+                    f"  event {i + 1:>2}: post→first dbt node {describe_row(rows[-1])}", flush=True
                 )
     print(
         f"\nP1 webhook → first dbt node, {args.events} events per start method, "
@@ -410,15 +424,16 @@ def latency(args: argparse.Namespace, work: Path, api_url: str) -> None:
     )
     for start, rows in results.items():
         print(f"  {start} start")
-        print(f"    {'part':<44} {'p50 s':>7} {'p95 s':>7}")
-        for key, label in [
-            ("created", "post → flow run created (receiver+trigger)"),
-            ("running", "created → flow running (poll+subprocess)"),
-            ("first_node", "running → first dbt node (flow body+dbt)"),
-            ("total", "TOTAL post → first dbt node"),
-        ]:
-            values = [r[key] for r in rows]
-            print(f"    {label:<44} {statistics.median(values):>7.2f} {pct(values, 0.95):>7.2f}")
+        print_timings(
+            rows,
+            {
+                "created": "post → flow run created (receiver+trigger)",
+                "running": "created → flow running (poll+subprocess)",
+                "first_node": "running → first dbt node (flow body+dbt)",
+                "total": "TOTAL post → first dbt node",
+            },
+            indent="    ",
+        )
         p50 = statistics.median(r["total"] for r in rows)
         p95 = pct([r["total"] for r in rows], 0.95)
         verdict = "met" if p50 <= 5 and p95 <= 10 else "MISSED"
@@ -469,30 +484,20 @@ def fresh(args: argparse.Namespace, work: Path, api_url: str) -> None:
                 states = [(r.state_name, str(r.id)[:8]) for r in new]
                 raise RuntimeError(f"expected one completed full build, got {states}")
             run, node = built[0]
-            rows.append(
-                {
-                    "created": run.created.timestamp() - posted,
-                    "running": run.start_time.timestamp() - run.created.timestamp(),
-                    "first_node": node.timestamp() - run.start_time.timestamp(),
-                    "total": node.timestamp() - posted,
-                }
-            )
+            rows.append(timing_row(posted, run, node))
             print(
-                f"  sample {i + 1:>2}: sync event→full build's first node {rows[-1]['total']:.2f} s"
-                f" (→created {rows[-1]['created']:.2f}, →running {rows[-1]['running']:.2f}, "
-                f"→node {rows[-1]['first_node']:.2f})",
-                flush=True,
+                f"  sample {i + 1:>2}: sync event→full build's first node {describe_row(rows[-1])}"
             )
     print(f"\nFull run: last source fresh → full build starts, {len(rows)} samples")
-    print(f"  {'part':<44} {'p50 s':>7} {'p95 s':>7}")
-    for key, label in [
-        ("created", "post → flow run created (receiver+trigger)"),
-        ("running", "created → flow running (poll+fork)"),
-        ("first_node", "running → first dbt node (freshness+dbt)"),
-        ("total", "TOTAL post → first dbt node"),
-    ]:
-        values = [r[key] for r in rows]
-        print(f"  {label:<44} {statistics.median(values):>7.2f} {pct(values, 0.95):>7.2f}")
+    print_timings(
+        rows,
+        {
+            "created": "post → flow run created (receiver+trigger)",
+            "running": "created → flow running (poll+fork)",
+            "first_node": "running → first dbt node (freshness+dbt)",
+            "total": "TOTAL post → first dbt node",
+        },
+    )
     p50 = statistics.median(r["total"] for r in rows)
     print(f"  goal ≤ 5 s when woken by its event: {'met' if p50 <= 5 else 'MISSED'} (p50)")
 

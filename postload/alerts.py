@@ -120,6 +120,21 @@ class AppliedAutomation:
     action: str  # "created" or "updated"
 
 
+def notification_block_ids() -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    """The ids of the Slack block and the optional PagerDuty block on the current Prefect API."""
+    from prefect.blocks.core import Block
+
+    from postload.blocks import PAGERDUTY_BLOCK, SLACK_BLOCK
+
+    def block_id(slug: str, name: str) -> uuid.UUID | None:
+        try:
+            return Block.load(f"{slug}/{name}")._block_document_id
+        except ValueError:  # no such block document
+            return None
+
+    return block_id("custom-webhook", SLACK_BLOCK), block_id("pager-duty-webhook", PAGERDUTY_BLOCK)
+
+
 def apply_automations(
     notification_block_id: uuid.UUID, pagerduty_block_id: uuid.UUID | None = None
 ) -> list[AppliedAutomation]:

@@ -330,24 +330,16 @@ def serve(
 def automations_apply() -> None:
     """Create or update the failure-notification automations (idempotent; needs the
     postload-slack block from `postload blocks register`)."""
-    from prefect.blocks.core import Block
+    from postload.alerts import apply_automations, notification_block_ids
+    from postload.blocks import SLACK_BLOCK
 
-    from postload.alerts import apply_automations
-    from postload.blocks import PAGERDUTY_BLOCK, SLACK_BLOCK
-
-    def block_id(name: str, slug: str):
-        try:
-            return Block.load(f"{slug}/{name}")._block_document_id
-        except ValueError:
-            return None
-
-    slack = block_id(SLACK_BLOCK, "custom-webhook")
+    slack, pagerduty = notification_block_ids()
     if slack is None:
         raise _fail(
             f"no notification block {SLACK_BLOCK!r}: set SLACK_WEBHOOK_URL and run "
             "`postload blocks register` first"
         )
-    for applied in apply_automations(slack, block_id(PAGERDUTY_BLOCK, "pager-duty-webhook")):
+    for applied in apply_automations(slack, pagerduty):
         typer.echo(f"  {applied.name:<28} {applied.action} ({applied.id})")
 
 

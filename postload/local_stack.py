@@ -345,26 +345,18 @@ class LocalStack:
     def _apply_automations(self) -> None:
         if not self.apply_automations:
             return
-        from prefect.blocks.core import Block
-
-        from postload.alerts import apply_automations
-        from postload.blocks import PAGERDUTY_BLOCK, SLACK_BLOCK
-
-        def block_id(slug: str, name: str) -> Any:
-            try:
-                return Block.load(f"{slug}/{name}")._block_document_id
-            except ValueError:
-                return None
+        from postload.alerts import apply_automations, notification_block_ids
+        from postload.blocks import SLACK_BLOCK
 
         with self._with_api():
-            slack = block_id("custom-webhook", SLACK_BLOCK)
+            slack, pagerduty = notification_block_ids()
             if slack is None:
                 self.echo(
                     f"automations: not applied, no {SLACK_BLOCK!r} notification block on this "
                     "server (set SLACK_WEBHOOK_URL, run `postload blocks register`, restart)"
                 )
                 return
-            applied = apply_automations(slack, block_id("pager-duty-webhook", PAGERDUTY_BLOCK))
+            applied = apply_automations(slack, pagerduty)
         self.echo(f"automations: {', '.join(a.name for a in applied)} applied")
 
     # --- for people ----------------------------------------------------------------------

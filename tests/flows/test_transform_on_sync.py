@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.events import DeploymentEventTrigger
 
 from flows.transform_on_sync import transform_on_sync
-from tests.conftest import REPO, PostloadHome, land_and_load, sql
+from tests.conftest import DEMO_MODELS, REPO, PostloadHome, land_and_load, sql
 
 
 @pytest.fixture
@@ -38,14 +38,7 @@ def test_burst_of_syncs_is_one_build_and_a_repeat_builds_nothing(
             "select distinct name from ops.dbt_run_results where resource_type = 'model'",
         )
     }
-    assert models == {
-        "stg_customers",
-        "stg_orders",
-        "stg_events",
-        "customer_orders",
-        "fct_orders",
-        "fct_daily_events",
-    }
+    assert models == DEMO_MODELS
 
     # the same sync delivered again: the warehouse says nothing changed, so no dbt run
     again = transform_on_sync(reason="fivetran sync")

@@ -102,3 +102,17 @@ def land_and_load(home: PostloadHome, source: str, batch: int) -> None:
     warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
     warehouse.ensure_schema()
     warehouse.load(pipeline.source(source), None)
+
+
+def hostile(max_examples: int) -> Any:
+    """hypothesis settings for the hostile-input tests: no deadline (generation is cheap next to
+    a request, and timing is not what is tested) and no example database (nothing is written
+    into the checkout)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+        max_examples=max_examples,
+    )

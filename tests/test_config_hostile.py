@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from postload.config import (
@@ -28,18 +28,9 @@ from postload.config import (
     SourceConfig,
     load_pipeline_config,
 )
+from tests.conftest import hostile
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-# No example database: nothing is written into the checkout.
-HOSTILE = settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
-
-
-def hostile(max_examples: int) -> settings:
-    return settings(HOSTILE, max_examples=max_examples)
 
 
 class ConfigFile:

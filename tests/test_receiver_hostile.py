@@ -28,11 +28,12 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from postload.fivetran import SIGNATURE_HEADER, verify_signature
 from postload.receiver import MAX_BODY_BYTES, MAX_JSON_DEPTH, Receiver
+from tests.conftest import hostile
 
 SECRET = "whsec-hostile-41c7e9d0b2"
 # Nothing listens here; no test starts the forwarder except the one that fakes the API.
@@ -48,18 +49,6 @@ FIELDS = (
     "group_id",
     "data",
 )
-# Generation is cheap next to a request; the limits keep each file well under its time budget
-# on two busy cores, without a per-example deadline (timing is not what is tested).
-# No example database: nothing is written into the checkout.
-HOSTILE = settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
-
-
-def hostile(max_examples: int) -> settings:
-    return settings(HOSTILE, max_examples=max_examples)
 
 
 def sign(body: bytes, secret: str = SECRET) -> str:

@@ -11,8 +11,13 @@ Two runs:
 * **ack** — the receiver forwards to a closed port, so only the acknowledgement path is measured
   (verify, validate, commit to the outbox, answer 202); the forwarder just backs off.
 * **forwarded** — the receiver forwards to a local ``prefect_test_harness`` server (startup not
-  timed); also reported: the time until the outbox is drained and the forwarded rate, and the
-  number of events the Prefect API then returns for this run's connector.
+  timed); also reported: the time until the outbox is drained and the forwarded rate, the
+  number of events the Prefect API then returns for this run's connector, and the **Prefect-side
+  cost per event**: the server's CPU (its uvicorn process, from ``/proc``, from the first request
+  until every event is stored and the server is idle again), the growth of its database file and
+  the ``POST /events`` requests the forwarder made, each divided by the events forwarded. The
+  server has postload's automations applied (pointed at a closed port, they never match a
+  successful sync), so every event is also evaluated by the trigger service as in production.
 
 Reported per run: requests/s, ack latency p50/p95/p99/max (client side, request written to
 response read), non-202 answers, the receiver's RSS (current and peak). Goal: p99 <= 50 ms.
@@ -44,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from orchestration import cpu_seconds, server_pids, wait_until_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK_ROOT = ROOT / "bench" / ".work"
@@ -275,6 +281,67 @@ def count_in_prefect(api_url: str, connector_id: str) -> int:
     return response.json()["total"]
 
 
+def apply_postload_automations() -> None:
+    """postload's failure automations, notifying a closed port: the trigger service then evaluates
+    every forwarded event against them, as it does on a production server."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from postload.alerts import apply_automations
+
+    block = CustomWebhookNotificationBlock(
+        name="bench", url=f"http://127.0.0.1:{free_port()}/", json_data={"text": "{{body}}"}
+    )
+    apply_automations(block.save("bench-closed-port", overwrite=True))
+
+
+def prefect_database_file() -> Path | None:
+    """The test server's SQLite file (None for another database)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url
+    secret = url.get_secret_value() if url is not None else ""
+    prefix = "sqlite+aiosqlite:///"
+    return Path(secret[len(prefix) :]) if secret.startswith(prefix) else None
+
+
+def _size(path: Path | None) -> float | None:
+    """Bytes of the database file and its write-ahead log, if any."""
+    if path is None:
+        return None
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+def forward_requests(receiver: ReceiverProcess) -> float | None:
+    return receiver.health().get("forward_requests")
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def report_prefect_cost(
+    events: int,
+    *,
+    server_cpu: float | None,
+    database_bytes: float | None,
+    forward_requests: float | None,
+) -> None:
+    def per_event(value: float | None, scale: float, unit: str) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value * scale / events:.2f} {unit}/event"
+
+    print(
+        f"{'':<10} Prefect-side cost for {events} events: server CPU "
+        f"{'n/a' if server_cpu is None else f'{server_cpu:.2f} s'} = "
+        f"{per_event(server_cpu, 1000, 'ms')}; database growth "
+        f"{per_event(database_bytes, 1 / 1024, 'KiB')}; POST /events "
+        f"{'n/a' if forward_requests is None else int(forward_requests)} = "
+        f"{per_event(forward_requests, 1, 'requests')} (events per request "
+        f"{'n/a' if not forward_requests else f'{events / forward_requests:.1f}'})"
+    )
+
+
 def run(args: argparse.Namespace, work: Path) -> None:
     print(
         f"receiver benchmark: {args.requests} signed sync_end requests, concurrency "
@@ -304,9 +371,16 @@ def run(args: argparse.Namespace, work: Path) -> None:
     with prefect_test_harness(server_startup_timeout=180):
         api_url = PREFECT_API_URL.value()
         print(f"{'':<10} (prefect_test_harness started in {time.perf_counter() - started:.1f} s)")
+        apply_postload_automations()
+        server = server_pids()
+        database = prefect_database_file()
+        wait_until_idle(server)
         receiver = ReceiverProcess(work, "forwarded", api_url)
         try:
             connector = f"bench_{uuid.uuid4().hex[:8]}"
+            server_cpu_before = cpu_seconds(server)
+            database_before = _size(database)
+            forwards_before = forward_requests(receiver)
             load_started = time.perf_counter()
             result, rss, peak = measure(receiver, args, connector)
             report("forwarded", result, rss, peak)
@@ -332,6 +406,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
             print(
                 f"{'':<10} Prefect API returns {stored} events for the run's connector "
                 f"(expected {len(result.latencies_ms)})"
+            )
+            wait_until_idle(server)
+            report_prefect_cost(
+                sent,
+                server_cpu=_delta(cpu_seconds(server), server_cpu_before),
+                database_bytes=_delta(_size(database), database_before),
+                forward_requests=_delta(forward_requests(receiver), forwards_before),
             )
         finally:
             receiver.stop()

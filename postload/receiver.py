@@ -290,6 +290,8 @@ class Receiver:
         self.backoff_max = backoff_max
         self.retention = retention
         self.last_forward_error: str | None = None
+        # POST /events attempts since start (healthz): how many events each request carries.
+        self.forward_requests = 0
 
         # The outbox is used from the event loop directly. A WAL commit without fsync costs tens
         # of microseconds, less than a round trip to a worker thread (measured: ~100 us of CPU
@@ -465,6 +467,7 @@ class Receiver:
             "rejected": counts.rejected,
             "oldest_pending_age_seconds": age,
             "last_forward_error": self.last_forward_error,
+            "forward_requests": self.forward_requests,
         }
         _log_request(request, 200, started)
         return JSONResponse(body)
@@ -519,6 +522,7 @@ class Receiver:
         ids = [event_id for event_id, _ in rows]
         # The stored JSON is sent as is: no decode/encode round trip per event.
         content = "[" + ",".join(event_json for _, event_json in rows) + "]"
+        self.forward_requests += 1
         try:
             response = await self._client.post("/events", content=content.encode("utf-8"))
         except httpx.HTTPError as exc:

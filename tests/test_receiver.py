@@ -320,7 +320,9 @@ def test_signed_sync_end_reaches_prefect(prefect_server: str, receiver: Receiver
     assert event["payload"] == payload
 
     wait_until(lambda: receiver.health()["pending"] == 0, "the outbox to drain")
-    assert receiver.health()["last_forward_error"] is None
+    health = receiver.health()
+    assert health["last_forward_error"] is None
+    assert health["forward_requests"] >= 1
 
 
 def test_upper_case_signature_is_accepted(receiver: ReceiverProcess) -> None:

@@ -16,6 +16,10 @@ postload-source-stale      ``postload.source.stale`` (full-run-when-fresh,    st
 postload-unknown-connector ``postload.connector.unknown``                     sync
 =========================  =================================================  ==================
 
+``postload-run-lost`` sends nothing itself: a flow run of ours that stops sending heartbeats
+(its machine, container or worker died with it, so no runner reports the crash) is marked
+Crashed after ``LOST_AFTER_BEATS`` missed beats, and ``postload-flow-failed`` announces that.
+
 The notification block is Prefect's core ``CustomWebhookNotificationBlock`` posting Slack's
 incoming-webhook JSON (``{"text": ...}``): the automation's action runs *on the Prefect server*,
 and a ``prefect_slack`` block would need prefect-slack installed there; the core
@@ -38,6 +42,14 @@ STALE_EVENT = "postload.source.stale"
 # a Prefect variable, so sweeps every 15 minutes do not announce the same episode again.
 STALE_VARIABLE = "postload-stale-announced"
 STALE_NAMESPACE = uuid.UUID("6c1f4a52-9a41-4c52-a7a5-3d7b8f0e9c11")
+
+LOST_RUN_AUTOMATION = "postload-run-lost"
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+RUN_END_STATES = ["Completed", "Failed", "Cancelled", "Crashed"]
+# Settings.run_heartbeat_seconds' default, and Prefect's minimum heartbeat interval.
+DEFAULT_HEARTBEAT_SECONDS = 30
+# Missed beats before a run counts as lost: one late beat on a busy machine is not a crash.
+LOST_AFTER_BEATS = 3
 
 
 @dataclass(frozen=True)
@@ -136,10 +148,18 @@ def notification_block_ids() -> tuple[uuid.UUID | None, uuid.UUID | None]:
 
 
 def apply_automations(
-    notification_block_id: uuid.UUID, pagerduty_block_id: uuid.UUID | None = None
+    notification_block_id: uuid.UUID,
+    pagerduty_block_id: uuid.UUID | None = None,
+    *,
+    heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
+    lost_after_seconds: float | None = None,
 ) -> list[AppliedAutomation]:
-    """Create or update (by name) every automation; re-applying never duplicates."""
-    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+    """Create or update (by name) every automation; re-applying never duplicates.
+
+    ``heartbeat_seconds`` is how often postload's flow runs beat (``Settings.run_heartbeat_seconds``);
+    a run silent for ``lost_after_seconds`` (default: ``LOST_AFTER_BEATS`` beats) is marked Crashed.
+    """
+    from prefect.automations import EventTrigger, Posture, SendNotification
 
     applied = []
     for spec in automation_specs():
@@ -164,23 +184,79 @@ def apply_automations(
             threshold=1,
             within=0,
         )
-        try:
-            existing = Automation.read(name=spec.name)
-        except ValueError:
-            existing = None
-        if existing is None:
-            created = Automation(
-                name=spec.name, description=spec.description, trigger=trigger, actions=actions
-            ).create()
-            applied.append(AppliedAutomation(spec.name, created.id, "created"))
-        else:
-            existing.description = spec.description
-            existing.trigger = trigger
-            existing.actions = actions
-            existing.enabled = True
-            existing.update()
-            applied.append(AppliedAutomation(spec.name, existing.id, "updated"))
+        applied.append(_upsert(spec.name, spec.description, trigger, actions))
+    lost_after = lost_after_seconds or LOST_AFTER_BEATS * heartbeat_seconds
+    applied.append(
+        _upsert(
+            LOST_RUN_AUTOMATION,
+            f"A postload flow run sent no heartbeat for {lost_after:g} s: the machine, container "
+            "or process running it is gone. Marks it Crashed, which postload-flow-failed announces.",
+            lost_run_trigger(lost_after),
+            [lost_run_action(lost_after)],
+        )
+    )
     return applied
+
+
+def lost_run_trigger(lost_after_seconds: float) -> Any:
+    """Proactive: after a heartbeat of one of our flow runs, expect another (or its end) in time.
+
+    A runner marks a run Crashed when the run's process dies under it; when the runner or worker
+    dies with it (the machine, the container, an OOM kill of the whole group), nothing would, and
+    the run would stay Running for ever. Prefect's documented answer is this automation on the
+    runs' ``prefect.flow-run.heartbeat`` events.
+    """
+    from prefect.automations import EventTrigger, Posture
+
+    return EventTrigger(
+        after={HEARTBEAT_EVENT},
+        expect={HEARTBEAT_EVENT, *(f"prefect.flow-run.{s}" for s in RUN_END_STATES)},
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=lost_after_seconds,
+    )
+
+
+def lost_run_action(lost_after_seconds: float) -> Any:
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    return ChangeFlowRunState(
+        state=StateType.CRASHED,
+        message=(
+            f"No heartbeat for {lost_after_seconds:g} s: the process running this flow run is "
+            "gone. Nothing it did after its last recorded step counts; the next run builds its "
+            "data again."
+        ),
+    )
+
+
+def _upsert(name: str, description: str, trigger: Any, actions: list[Any]) -> AppliedAutomation:
+    from prefect.automations import Automation
+
+    try:
+        existing = Automation.read(name=name)
+    except ValueError:
+        existing = None
+    if existing is None:
+        created = Automation(
+            name=name, description=description, trigger=trigger, actions=actions
+        ).create()
+        return AppliedAutomation(name, created.id, "created")
+    existing.description = description
+    existing.trigger = trigger
+    existing.actions = actions
+    existing.enabled = True
+    existing.update()
+    return AppliedAutomation(name, existing.id, "updated")
+
+
+def automation_names() -> list[str]:
+    """Every automation ``apply_automations`` manages."""
+    return [spec.name for spec in automation_specs()] + [LOST_RUN_AUTOMATION]
 
 
 def announce_stale_sources(stale: list[SourceFreshness]) -> list[str]:

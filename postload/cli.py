@@ -321,7 +321,13 @@ def serve(
             f"{prefect_yaml}: not found (run from the postload checkout or pass --prefect-yaml)"
         )
     try:
-        serve_deployments(prefect_yaml, only=only, with_schedules=schedules, warm=warm)
+        serve_deployments(
+            prefect_yaml,
+            only=only,
+            with_schedules=schedules,
+            warm=warm,
+            heartbeat_seconds=Settings().run_heartbeat_seconds,
+        )
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
@@ -339,7 +345,10 @@ def automations_apply() -> None:
             f"no notification block {SLACK_BLOCK!r}: set SLACK_WEBHOOK_URL and run "
             "`postload blocks register` first"
         )
-    for applied in apply_automations(slack, pagerduty):
+    applied_automations = apply_automations(
+        slack, pagerduty, heartbeat_seconds=Settings().run_heartbeat_seconds
+    )
+    for applied in applied_automations:
         typer.echo(f"  {applied.name:<28} {applied.action} ({applied.id})")
 
 

@@ -370,6 +370,12 @@ class Settings(BaseSettings):
     )
     sync_max_rounds: int = Field(5, ge=1, le=50)
 
+    # How often each flow run tells Prefect it is alive (Prefect's minimum is 30 s). A run silent
+    # for 3 beats is marked Crashed by the postload-run-lost automation: its process is gone with
+    # the runner or worker that would otherwise report it. prefect.yaml's job variables pass the
+    # same value to worker-run flows (PREFECT_FLOWS_HEARTBEAT_FREQUENCY).
+    run_heartbeat_seconds: int = Field(30, ge=30, le=3600)
+
     retries: int = Field(3, ge=0, le=20)
     retry_backoff_seconds: float = Field(5.0, ge=0)
     retry_jitter_factor: float = Field(0.5, ge=0)

@@ -356,7 +356,9 @@ class LocalStack:
                     "server (set SLACK_WEBHOOK_URL, run `postload blocks register`, restart)"
                 )
                 return
-            applied = apply_automations(slack, pagerduty)
+            applied = apply_automations(
+                slack, pagerduty, heartbeat_seconds=self.settings.run_heartbeat_seconds
+            )
         self.echo(f"automations: {', '.join(a.name for a in applied)} applied")
 
     # --- for people ----------------------------------------------------------------------

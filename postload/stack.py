@@ -115,6 +115,7 @@ def serve_deployments(
     only: Iterable[str] | None = None,
     with_schedules: bool = True,
     warm: bool = True,
+    heartbeat_seconds: int | None = None,
 ) -> None:
     """Create/update the deployments and run their flow runs until interrupted.
 
@@ -134,7 +135,7 @@ def serve_deployments(
     # Warm up before the deployments exist, so no run is created that a cold start would serve.
     if warm and _warm_start.install():
         print("flow runs start from a warm process (Prefect, dbt and postload preloaded)")
-    runner = Runner(name="postload")
+    runner = Runner(name="postload", heartbeat_seconds=heartbeat_seconds)
     for flow, kwargs in served:
         runner.add_flow(flow, **kwargs)
     names = ", ".join(kwargs["name"] for _, kwargs in served)

@@ -1,121 +1,21 @@
 """Failure automations on the real Prefect server, with a loopback HTTP server standing in for Slack.
 
-Slack's incoming webhooks take ``POST`` with a JSON body ``{"text": ...}`` and answer ``200 ok``;
-the fake accepts exactly that (anything else is recorded as a protocol error) and can be told to
-answer 500. Messages are awaited by polling with a deadline; "exactly one" is checked after a
+The Slack fake and the ``automations`` fixture live in tests/conftest.py (the served crash test
+uses them too). Messages are awaited by polling with a deadline; "exactly one" is checked after a
 sentinel message that the same automations send later has arrived.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
-import pytest
-from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 
 from postload.alerts import apply_automations, automation_specs
 from postload.blocks import slack_notification_block
-from tests.conftest import PostloadHome
-
-
-@dataclass
-class FakeSlack:
-    url: str
-    status: int = 200
-    messages: list[str] = field(default_factory=list)
-    protocol_errors: list[str] = field(default_factory=list)
-
-    def wait_for(self, needle: str, timeout: float = 60.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [m for m in self.messages if needle in m]
-            if found:
-                return found
-            time.sleep(0.2)
-        raise AssertionError(f"no Slack message containing {needle!r}; got {self.messages}")
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    fake = FakeSlack(url="")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            try:
-                payload = json.loads(body)
-                assert self.headers.get("Content-Type", "").startswith("application/json")
-                assert isinstance(payload.get("text"), str)
-                fake.messages.append(payload["text"])
-            except (ValueError, AssertionError):
-                fake.protocol_errors.append(body.decode(errors="replace"))
-            self.send_response(fake.status)
-            self.end_headers()
-            self.wfile.write(b"ok" if fake.status == 200 else b"internal_error")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.url = f"http://127.0.0.1:{server.server_port}/services/T0/B0/secretpath"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fake
-    server.shutdown()
-    assert fake.protocol_errors == []
-
-
-@pytest.fixture
-def automations(prefect_server: str, slack: FakeSlack) -> Iterator[FakeSlack]:
-    block_id = slack_notification_block(slack.url).save(
-        f"test-slack-{uuid.uuid4().hex[:8]}", overwrite=True
-    )
-    apply_automations(block_id)
-    yield slack
-    for spec in automation_specs():  # other tests' failures must not page this fake
-        with contextlib.suppress(ValueError):
-            Automation.read(name=spec.name).delete()
-
-
-def post_event(api_url: str, event: str, resource: dict, payload: dict) -> None:
-    httpx.post(
-        f"{api_url}/events",
-        json=[
-            {
-                "id": str(uuid.uuid4()),
-                "occurred": datetime.now(UTC).isoformat(),
-                "event": event,
-                "resource": resource,
-                "payload": payload,
-            }
-        ],
-    ).raise_for_status()
-
-
-def sentinel(api_url: str) -> str:
-    """A failed-sync event whose message, once received, proves earlier ones were delivered."""
-    connector = f"sentinel_{uuid.uuid4().hex[:8]}"
-    post_event(
-        api_url,
-        "fivetran.sync.failed",
-        {
-            "prefect.resource.id": f"fivetran.connector.{connector}",
-            "fivetran.connector_id": connector,
-        },
-        {"event": "sync_end", "data": {"status": "FAILURE"}},
-    )
-    return connector
+from tests.conftest import FakeSlack, PostloadHome, post_event, sentinel
 
 
 def test_reapplying_updates_and_never_duplicates(automations: FakeSlack) -> None:

@@ -30,6 +30,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
 
+from postload.alerts import DEFAULT_HEARTBEAT_SECONDS
+from postload.config import Settings
 from tests.conftest import REPO
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -37,6 +39,7 @@ LOCAL_FILE = REPO / "prefect.yaml"
 DOCKER_FILE = REPO / "prefect.docker.yaml"
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 DEPLOY_TIMEOUT = 300
+HEARTBEAT = "30"  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY in both deployment files
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -207,6 +210,9 @@ def test_deploy_all_creates_every_deployment_as_declared(deployed: Deployed) -> 
             assert_deployed_as_declared(
                 client, deployed.deployments[spec["name"]], spec, document["pull"]
             )
+            assert deployed.deployments[spec["name"]].job_variables == {
+                "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT}
+            }
             # The pool type prefect.yaml documents is the one the runs are sent to.
             pool = client.read_work_pool(deployed.deployments[spec["name"]].work_pool_name)
             assert pool.type == spec["work_pool"]["type"] == "process"
@@ -323,7 +329,10 @@ def test_docker_file_deploys_the_image_it_builds_on_the_docker_pool(
                 assert_deployed_as_declared(
                     client, deployment, {**spec, "name": spec["name"] + suffix}, document["pull"]
                 )
-                assert deployment.job_variables == {"image": f"{image_name}:{tag}"}
+                assert deployment.job_variables == {
+                    "image": f"{image_name}:{tag}",
+                    "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT},
+                }
             assert client.read_work_pool(pool["name"]).type == "docker"
         finally:
             remove(client, names, suffix)
@@ -343,6 +352,16 @@ def test_docker_file_deploys_the_image_it_builds_on_the_docker_pool(
     assert document["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/postload"}}
     ]
+
+
+def test_worker_run_flows_beat_as_often_as_the_lost_run_automation_expects() -> None:
+    """postload-run-lost marks a run Crashed after 3 missed beats of Settings.run_heartbeat_seconds;
+    runs on a work pool get that frequency from the deployment's job variables."""
+    assert str(Settings.model_fields["run_heartbeat_seconds"].default) == HEARTBEAT
+    assert str(DEFAULT_HEARTBEAT_SECONDS) == HEARTBEAT
+    for path, pool in ((LOCAL_FILE, "local"), (DOCKER_FILE, "docker")):
+        env = load(path)["definitions"]["work_pools"][pool]["job_variables"]["env"]
+        assert env == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT}, path
 
 
 def test_docker_file_declares_the_same_deployments_as_prefect_yaml() -> None:
@@ -404,6 +423,9 @@ def test_ci_tests_every_push_and_pull_request_with_make_test() -> None:
     assert test["runs-on"].startswith("ubuntu")
     assert "if" not in test
     assert re.search(r"^make test$", runs(test), re.M)
+    # and the short fault suite, as .ci/run does
+    assert re.search(r"^make faults-quick$", runs(test), re.M)
+    assert re.search(r"^make faults-quick$", (REPO / ".ci" / "run").read_text(), re.M)
     [python] = [s for s in steps(test) if s.get("uses", "").startswith("actions/setup-python@")]
     assert str(python["with"]["python-version"]) == "3.11"
 

@@ -40,7 +40,7 @@ from postload.config import Settings
 from postload.demo_data import write_demo_batch
 from postload.orchestration import warehouse_writer
 from postload.warehouse._duckdb import DuckDBWarehouse
-from tests.conftest import DEMO_MODELS, REPO, PostloadHome, sql
+from tests.conftest import DEMO_MODELS, REPO, FakeSlack, PostloadHome, sentinel, sql
 from tests.test_receiver import free_port
 
 SECRET = "whsec-served-8c41d2"
@@ -56,11 +56,21 @@ ALL_MODELS = DEMO_MODELS
 @dataclass
 class ServedStack:
     home: PostloadHome
+    prefect_api: str
     receiver_url: str
     deployment_id: uuid.UUID
     procs: list[subprocess.Popen[bytes]]
     logs: list[Path]
+    runner_argv: list[str] = field(default_factory=list)
+    runner_env: dict[str, str] = field(default_factory=dict)
     seen: set[uuid.UUID] = field(default_factory=set)
+
+    def restart_runner(self) -> None:
+        """Start ``postload serve`` again (after its process was killed), logging to the same file."""
+        with self.logs[1].open("ab") as out:
+            self.procs[1] = subprocess.Popen(
+                self.runner_argv, cwd=REPO, env=self.runner_env, stdout=out, stderr=out
+            )
 
     def land(self, source: str, batch: int) -> None:
         """A Fivetran sync's effect: new rows in the raw table (the embedded warehouse has one
@@ -107,9 +117,16 @@ class ServedStack:
                 raise AssertionError(f"{log.name} exited {proc.returncode}:\n{log.read_text()}")
 
     def wait_for(self, predicate, what: str, timeout: float = SETTLE_TIMEOUT) -> Any:
+        return self.wait_for_state(predicate, what, timeout, check_alive=True)
+
+    def wait_for_state(
+        self, predicate, what: str, timeout: float = SETTLE_TIMEOUT, *, check_alive: bool = False
+    ) -> Any:
+        """``wait_for`` that may also run while the runner is down (``check_alive=False``)."""
         deadline = time.monotonic() + timeout
         while True:
-            self.check_alive()
+            if check_alive:
+                self.check_alive()
             value = predicate()
             if value:
                 return value
@@ -200,7 +217,16 @@ def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         with log.open("wb") as out:
             procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=out))
         logs.append(log)
-    stack = ServedStack(home, f"http://127.0.0.1:{port}", uuid.uuid4(), procs, logs)
+    stack = ServedStack(
+        home,
+        prefect_server,
+        f"http://127.0.0.1:{port}",
+        uuid.uuid4(),
+        procs,
+        logs,
+        runner_argv=commands["serve"],
+        runner_env=env,
+    )
     try:
 
         def deployment() -> uuid.UUID | None:
@@ -340,14 +366,14 @@ def _flow_run_processes(serve_pid: int) -> list[int]:
     return processes
 
 
-def test_a_run_killed_mid_build_is_crashed_and_the_next_run_covers_its_data(
-    served: ServedStack,
-) -> None:
+def _kill_mid_build(served: ServedStack, source: str, batch: int, victims: Any) -> uuid.UUID:
+    """Start a build that hangs in a slow model, SIGKILL ``victims(serve_pid)`` while it runs
+    (what the OOM killer or a lost machine does); returns the killed flow run's id."""
     slow = served.home.root / "dbt_project" / "models" / "marts" / "slow_events.py"
     slow.write_text(SLOW_MODEL)
     try:
-        served.land("events", 6)
-        served.post_sync_end("events")
+        served.land(source, batch)
+        served.post_sync_end(source)
 
         def slow_model_running() -> Any:
             new = [r.id for r in served.runs() if r.id not in served.seen]
@@ -363,16 +389,34 @@ def test_a_run_killed_mid_build_is_crashed_and_the_next_run_covers_its_data(
             return running[0].flow_run_id if running else None
 
         victim = served.wait_for(slow_model_running, "the slow model to be running")
-        killed = _flow_run_processes(served.procs[1].pid)
-        assert killed, "no flow-run process under the runner"
+        killed = victims(served.procs[1].pid)
+        assert killed, "no process to kill under the runner"
         for pid in killed:
-            os.kill(pid, signal.SIGKILL)  # what the OOM killer or a lost machine does
+            os.kill(pid, signal.SIGKILL)
+        return victim
     finally:
         slow.unlink()
+
+
+def _alerted_once(served: ServedStack, automations: FakeSlack, run: Any) -> str:
+    (message,) = automations.wait_for(run.name)
+    automations.wait_for(sentinel(served.prefect_api))
+    assert len([m for m in automations.messages if run.name in m]) == 1
+    return message
+
+
+def test_a_run_killed_mid_build_is_crashed_alerted_once_and_the_next_run_covers_its_data(
+    served: ServedStack, automations: FakeSlack
+) -> None:
+    victim = _kill_mid_build(served, "events", 6, _flow_run_processes)
 
     crashed = served.settle(at_least=1)
     assert [(r.id, r.state_name) for r in crashed if r.id == victim] == [(victim, "Crashed")]
     assert transformed_sources(served.home, crashed) == []  # nothing claims the data was built
+    # One alert: the runner reports the crash once, the automation sends one message for it.
+    (victim_run,) = [r for r in crashed if r.id == victim]
+    message = _alerted_once(served, automations, victim_run)
+    assert "transform-on-sync crashed" in message and "ended Crashed" in message
 
     # No manual step: the next wake-up (here another connector's sync; the sweep would do too)
     # builds events, whose rows are still newer than its last transform.
@@ -383,3 +427,49 @@ def test_a_run_killed_mid_build_is_crashed_and_the_next_run_covers_its_data(
     built = set().union(*(b["models"] for b in builds_of(served.home, runs)))
     assert {"stg_events", "fct_daily_events", "stg_orders"} <= built
     assert "slow_events" not in built
+
+
+def _runner_and_everything_under_it(serve_pid: int) -> list[int]:
+    tree, frontier = [], [serve_pid]
+    while frontier:
+        pid = frontier.pop()
+        tree.append(pid)
+        frontier += _children(pid)
+    return tree
+
+
+def test_a_run_lost_with_its_runner_is_crashed_by_heartbeat_alerted_once_and_covered(
+    served: ServedStack, automations: FakeSlack
+) -> None:
+    """The runner dies with the run (machine, container or process group gone): nobody reports
+    the crash, so the postload-run-lost automation does once the run's heartbeats stop.
+
+    The served runs beat every 30 s (Settings.run_heartbeat_seconds, Prefect's minimum); the
+    automation is re-applied with a 40 s window instead of the default 3 beats (90 s) to keep
+    this test short: the same trigger and action, a shorter wait.
+    """
+    from postload.alerts import apply_automations
+
+    apply_automations(automations.block_id, heartbeat_seconds=30, lost_after_seconds=40)
+    victim = _kill_mid_build(served, "events", 7, _runner_and_everything_under_it)
+    served.procs[1].wait(timeout=10)
+
+    def crashed() -> Any:
+        (run,) = [r for r in served.runs() if r.id == victim]
+        return run if run.state_name == "Crashed" else None
+
+    run = served.wait_for_state(crashed, "the lost run to be marked Crashed", timeout=120)
+    assert "No heartbeat for 40 s" in run.state.message
+    message = _alerted_once(served, automations, run)
+    assert "transform-on-sync crashed" in message and "No heartbeat" in message
+
+    # A new runner (the restarted machine) and the next sync build the lost run's data: the
+    # Crashed state released the deployment's concurrency slot, so nothing is cancelled for it.
+    served.restart_runner()
+    served.seen.add(victim)
+    served.land("customers", 7)
+    served.post_sync_end("customers")
+    runs = served.settle(at_least=1)
+    assert transformed_sources(served.home, runs) == ["customers", "events"]
+    built = set().union(*(b["models"] for b in builds_of(served.home, runs)))
+    assert {"stg_events", "fct_daily_events", "stg_customers"} <= built

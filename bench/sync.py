@@ -54,6 +54,8 @@ FULL_RUN = "full-run-when-fresh"
 READY_TIMEOUT = 120.0
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# as `postload stack` runs its server: a run waiting for its deployment's slot retries every 2 s
+os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 

@@ -20,7 +20,12 @@ from postload.config import Settings
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
 from postload.dbt._core import CoreDbtRunner
 from postload.freshness import FULL_BUILD, FullRunDecision, decide, tracked_sources
-from postload.orchestration import current_flow_run_id, retry_options, warehouse_writer
+from postload.orchestration import (
+    current_flow_run_id,
+    retry_options,
+    supersede_waiting_runs,
+    warehouse_writer,
+)
 from postload.pipeline import freshness_markdown, publish_status, transform_record
 from postload.warehouse import open_warehouse, utcnow
 
@@ -40,6 +45,8 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
     tracked = tracked_sources(pipeline, resolver.manifest(), settings.pipeline_config_path)
     warehouse = open_warehouse(settings, pipeline)
     runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
+    if superseded := supersede_waiting_runs():
+        logger.info("covers the events of %d waiting run(s): %s", len(superseded), superseded)
 
     with warehouse_writer(settings):
         warehouse.ensure_schema()

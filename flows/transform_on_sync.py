@@ -4,6 +4,8 @@ Woken by deployment triggers on ``fivetran.sync.succeeded`` and ``postload.sourc
 and by a sweep schedule. It never trusts the waking event for what to build: it reads each
 source's watermark in the warehouse, builds every pending source in one dbt invocation, and
 checks again before finishing, so syncs that landed meanwhile get exactly one follow-up build.
+A sync whose event arrives after that last check wakes a run that waits for this one to end
+(one run at a time, ``ENQUEUE``); the first waiting run to start cancels the others it covers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from prefect.events import emit_event
 from postload.config import PipelineConfig, Settings
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
 from postload.dbt._core import CoreDbtRunner
-from postload.orchestration import current_flow_run_id, retry_options, warehouse_writer
+from postload.orchestration import (
+    current_flow_run_id,
+    retry_options,
+    supersede_waiting_runs,
+    warehouse_writer,
+)
 from postload.pipeline import publish_status, transform_record
 from postload.sync import TransformPlan, plan_transform
 from postload.warehouse import Warehouse, open_warehouse, utcnow
@@ -54,6 +61,8 @@ def transform_on_sync(
     if reason != "sweep" and settings.sync_debounce_seconds:
         # A short debounce: syncs finishing together land in this run instead of a follow-up.
         time.sleep(settings.sync_debounce_seconds)
+    if superseded := supersede_waiting_runs():
+        logger.info("covers the events of %d waiting run(s): %s", len(superseded), superseded)
 
     builds: list[dict[str, Any]] = []
     with warehouse_writer(settings):

@@ -263,7 +263,7 @@ def _report(new: list[_Run], runs: _Runs, echo: Callable[[str], None]) -> bool:
         elif not models and run.deployment == TRANSFORM_ON_SYNC:
             what += " (nothing new since the last build)"
         if run.run.state_name == "Cancelled":
-            what = "cancelled: another run of it was in progress and covers this event"
+            what = "cancelled: superseded by a run that started after its event and covers it"
         echo(f"   {run.deployment} {run.run.name}: {run.run.state_name}, {what}")
         ok &= run.run.state_name in ("Completed", "Cancelled")
     return ok

@@ -39,6 +39,8 @@ from postload.config import ConfigError, Settings
 __all__ = ["LocalStack", "StackError", "send_sync_end"]
 
 READY_TIMEOUT_SECONDS = 240.0
+SLOT_WAIT_ENV = "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"
+LOCAL_SLOT_WAIT_SECONDS = "2"
 
 
 class StackError(RuntimeError):
@@ -169,6 +171,9 @@ class LocalStack:
             "DO_NOT_TRACK": "1",
             # serve picks up scheduled and triggered runs within a second
             "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "1"),
+            # a run woken during another run of its deployment waits for it (ENQUEUE); the server
+            # lets it try again this often (Prefect's default is 30 s)
+            SLOT_WAIT_ENV: os.environ.get(SLOT_WAIT_ENV, LOCAL_SLOT_WAIT_SECONDS),
             "POSTLOAD_PROJECT_DIR": str(self.root),
             **self.extra_env,
         }

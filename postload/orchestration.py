@@ -119,6 +119,59 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
+def supersede_waiting_runs() -> list[str]:
+    """Cancel the runs of this run's deployment that are due but waiting, as covered by this one.
+
+    postload's flows run one at a time per deployment, and a run started while another runs
+    waits for the slot (``collision_strategy: ENQUEUE``) instead of being cancelled, so an event
+    that arrives at any moment of a run, even after its last check of the warehouse, gets a run
+    after it. Every run that is already waiting when this one starts was created for an event
+    that came before this run's plan, and the flows decide what to build from the warehouse, not
+    from the event: this run builds their data, so they are cancelled instead of starting one
+    after another to find nothing to do. Runs scheduled for later (the sweep) are left alone.
+    Called before the first plan; returns the names of the runs it cancelled.
+    """
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.context import FlowRunContext
+    from prefect.states import Cancelled
+    from prefect.types._datetime import now
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    if run is None or run.deployment_id is None:
+        return []
+    cancelled = []
+    with get_client(sync_client=True) as client:
+        waiting = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[run.deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                expected_start_time=FlowRunFilterExpectedStartTime(before_=now("UTC")),
+            ),
+        )
+        for other in waiting:
+            if other.id == run.id:
+                continue
+            result = client.set_flow_run_state(
+                other.id,
+                Cancelled(
+                    message=f"Superseded by flow run {run.name!r} ({run.id}), which started "
+                    "after this run's event and builds from the warehouse what it would have."
+                ),
+            )
+            if result.state is not None and result.state.is_cancelled():
+                cancelled.append(other.name)
+    return cancelled
+
+
 def current_flow_run_id() -> str:
     from prefect.runtime import flow_run
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -23,8 +24,79 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# A run woken while another run of its deployment is in progress waits for it (ENQUEUE): the test
+# server lets it try again after 1 s instead of Prefect's 30 (the local stack uses 2).
+os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# Every secret value the suite uses (webhook secrets, API keys, passwords, Slack URLs), by name.
+# Test modules register theirs with ``suite_secret`` when they are imported, so the list is whole
+# before the first test runs. No test's captured output (stdout and stderr at the file-descriptor
+# level, log records, the failure report) may contain one: a test whose output does fails, named
+# with the secret's name, never its value. Subprocess logs are checked with ``assert_no_secret_in``.
+SUITE_SECRETS: dict[str, str] = {}
+
+
+def suite_secret(name: str, value: str) -> str:
+    SUITE_SECRETS[name] = value
+    return value
+
+
+# The secret part of the loopback Slack's webhook URL, as in hooks.slack.com/services/T/B/<secret>.
+FAKE_SLACK_PATH = suite_secret("fake Slack: webhook path", "secretpath-5e0b9c")
+
+
+def leaked_secrets(text: str) -> list[str]:
+    """The names of the suite's secrets that appear in ``text``."""
+    return sorted(name for name, value in SUITE_SECRETS.items() if value in text)
+
+
+def assert_no_secret_in(path: Path) -> None:
+    leaked = leaked_secrets(path.read_text(errors="replace")) if path.exists() else []
+    assert not leaked, f"{path.name} contains secret(s): {', '.join(leaked)}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "upstream_secret_leak(name, line, reason): a library outside postload prints the named "
+        "secret on lines matching the regex `line`; only those lines are exempt from the scan",
+    )
+
+
+def _leaks(item: pytest.Item, text: str) -> list[str]:
+    """The secrets in ``text``, each outside the lines a library is known to leak it on."""
+    leaked = []
+    for name in leaked_secrets(text):
+        rest = text
+        for marker in item.iter_markers("upstream_secret_leak"):
+            if marker.kwargs["name"] == name:
+                pattern = re.compile(marker.kwargs["line"])
+                rest = "\n".join(line for line in rest.splitlines() if not pattern.search(line))
+        if SUITE_SECRETS[name] in rest:
+            leaked.append(name)
+    return leaked
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    # Each phase's report also carries the earlier phases' sections ("Captured stdout call" in the
+    # teardown report): only this phase's are scanned, so a leak is reported once.
+    captured = "\n".join(
+        content for title, content in report.sections if title.endswith(f" {report.when}")
+    )
+    if leaked := _leaks(item, f"{captured}\n{report.longreprtext}"):
+        # The original report may hold the value itself: replaced, not shown.
+        report.outcome = "failed"
+        report.longrepr = (
+            f"secret(s) in the captured output of {item.nodeid} ({report.when}): "
+            f"{', '.join(leaked)}"
+        )
+        report.sections = []
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +245,7 @@ def slack() -> Iterator[FakeSlack]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.url = f"http://127.0.0.1:{server.server_port}/services/T0/B0/secretpath"
+    fake.url = f"http://127.0.0.1:{server.server_port}/services/T0/B0/{FAKE_SLACK_PATH}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield fake

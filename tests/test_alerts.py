@@ -11,6 +11,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 
 from postload.alerts import apply_automations, automation_specs
@@ -87,6 +88,17 @@ def test_failed_sync_event_becomes_a_slack_message(
     assert "sync-77" in message and "FAILURE_WITH_TASK: auth expired" in message
 
 
+# Prefect's CustomWebhookNotificationBlock resolves the Slack path into the URL and calls httpx's
+# raise_for_status(), whose message holds the whole URL, and the server logs that traceback:
+# a Slack error puts the webhook URL in the Prefect *server's* log (prefect 3.9.1,
+# prefect/blocks/notifications.py CustomWebhookNotificationBlock.anotify; not reported upstream
+# that I found). postload cannot change what the server logs; the README says so. Only that
+# httpx line is exempt: the secret anywhere else in this test's output still fails it.
+@pytest.mark.upstream_secret_leak(
+    name="fake Slack: webhook path",
+    line=r"^httpx\.HTTPStatusError: Server error '500 Internal Server Error' for url ",
+    reason="Prefect server logs a failed notification's URL",
+)
 def test_slack_returning_500_breaks_nothing(prefect_server: str, automations: FakeSlack) -> None:
     """Slack down: the server attempts the notification, gives up after its own message retries
     (prefect 3.9.1 logs the HTTP error and dead-letters the action; it emits no

@@ -36,14 +36,17 @@ from postload.blocks import (
     register_blocks,
 )
 from postload.config import Settings
+from tests.conftest import suite_secret
 
 REGISTER_SCRIPT = Path(__file__).resolve().parent.parent / "blocks" / "register.py"
 
-SNOWFLAKE_PASSWORD = "pw-secret-xyz"
-DBT_API_KEY = "dbtc-secret-api-key-7731"
-SLACK_URL = "https://hooks.slack.com/services/T0SECRET/B0SECRET/slacksecret42"
-FIVETRAN_SECRET = "fivetran-signing-secret-9f2c"
-PAGERDUTY_KEY = "pd-routing-key-5521"
+SNOWFLAKE_PASSWORD = suite_secret("blocks: Snowflake password", "pw-secret-xyz")
+DBT_API_KEY = suite_secret("blocks: dbt Cloud API key", "dbtc-secret-api-key-7731")
+SLACK_URL = "https://hooks.slack.com/services/T0SECRET/B0SECRET/" + suite_secret(
+    "blocks: Slack webhook path", "slacksecret42"
+)
+FIVETRAN_SECRET = suite_secret("blocks: Fivetran webhook secret", "fivetran-signing-secret-9f2c")
+PAGERDUTY_KEY = suite_secret("blocks: PagerDuty key", "pd-routing-key-5521")
 SECRETS = (
     SNOWFLAKE_PASSWORD,
     DBT_API_KEY,

@@ -31,8 +31,9 @@ from postload.fivetran import (
     to_prefect_event,
     verify_signature,
 )
+from tests.conftest import suite_secret
 
-SECRET = "whsec-unit-3b1d"
+SECRET = suite_secret("fivetran: webhook secret", "whsec-unit-3b1d")
 
 
 def sign(body: bytes, secret: str = SECRET) -> str:

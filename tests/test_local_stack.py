@@ -21,11 +21,18 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from tests.conftest import REPO, PostloadHome, land_and_load, make_home
+from tests.conftest import (
+    REPO,
+    PostloadHome,
+    assert_no_secret_in,
+    land_and_load,
+    make_home,
+    suite_secret,
+)
 from tests.test_receiver import free_port
 
 POSTLOAD = str(Path(sys.executable).with_name("postload"))
-SECRET = "whsec-local-stack-51f0"
+SECRET = suite_secret("local stack: webhook secret", "whsec-local-stack-51f0")
 START_TIMEOUT = 300.0
 RUN_TIMEOUT = 240.0
 
@@ -217,6 +224,11 @@ def test_ctrl_c_stops_everything_it_started(running_stack: RunningStack) -> None
     running_stack.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
     assert running_stack.proc.wait(timeout=120) == 0
     assert "stopped" in running_stack.output.read_text().splitlines()[-1]
+    # the webhook secret it was given reached no log of the stack or its children
+    logs = sorted((running_stack.home.root / ".postload" / "logs").glob("*.log"))
+    assert {log.name for log in logs} >= {"receiver.log", "serve.log"}
+    for log in [running_stack.output, *logs]:
+        assert_no_secret_in(log)
 
     deadline = time.monotonic() + 30
     while (left := {pid for pid in tree if alive(pid)}) and time.monotonic() < deadline:

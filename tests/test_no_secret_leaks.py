@@ -45,19 +45,24 @@ from postload.config import ConfigError, PipelineConfig, Settings
 from postload.fivetran import SIGNATURE_HEADER
 from postload.receiver import JsonLogFormatter
 from postload.warehouse._snowflake import SnowflakeWarehouse
+from tests.conftest import suite_secret
 from tests.test_receiver import free_port, wait_for_events
 from tests.test_receiver_hostile import InProcessReceiver, padded, sign
 
 # Distinctive values: nothing else in this project or its dependencies contains them.
-WEBHOOK_SECRET = "whsec-LEAKCANARY-webhook-7c1f0e5a"
-SLACK_PATH = "T0LEAKCANARY/B0LEAKCANARY/LeakCanarySlackPath42"
+WEBHOOK_SECRET = suite_secret("leak canary: webhook_secret", "whsec-LEAKCANARY-webhook-7c1f0e5a")
+SLACK_PATH = suite_secret(
+    "leak canary: slack_path", "T0LEAKCANARY/B0LEAKCANARY/LeakCanarySlackPath42"
+)
 SLACK_URL = f"https://hooks.slack.com/services/{SLACK_PATH}"
-DBT_CLOUD_API_KEY = "dbtc_LEAKCANARY_api_key_93b1"
-SNOWFLAKE_PASSWORD = "LEAKCANARY-snowflake-pw-5d2e"
-PAGERDUTY_INTEGRATION_KEY = "LEAKCANARYpdintegration0042"
-PAGERDUTY_API_KEY = "LEAKCANARYpdapikey0043"
-PREFECT_KEY = "pnu_LEAKCANARY_prefect_key_0c9d"
-API_PASSWORD = "LEAKCANARY-basic-auth-pw"
+DBT_CLOUD_API_KEY = suite_secret("leak canary: dbt_cloud_api_key", "dbtc_LEAKCANARY_api_key_93b1")
+SNOWFLAKE_PASSWORD = suite_secret("leak canary: snowflake_password", "LEAKCANARY-snowflake-pw-5d2e")
+PAGERDUTY_INTEGRATION_KEY = suite_secret(
+    "leak canary: pagerduty_integration_key", "LEAKCANARYpdintegration0042"
+)
+PAGERDUTY_API_KEY = suite_secret("leak canary: pagerduty_api_key", "LEAKCANARYpdapikey0043")
+PREFECT_KEY = suite_secret("leak canary: prefect_key", "pnu_LEAKCANARY_prefect_key_0c9d")
+API_PASSWORD = suite_secret("leak canary: api_password", "LEAKCANARY-basic-auth-pw")
 SECRETS = (
     WEBHOOK_SECRET,
     SLACK_PATH,

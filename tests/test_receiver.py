@@ -32,10 +32,11 @@ import pytest
 from prefect.blocks.system import Secret
 
 from postload.receiver import Receiver
+from tests.conftest import assert_no_secret_in, suite_secret
 
 REPO = Path(__file__).resolve().parent.parent
 POSTLOAD = Path(sys.executable).parent / "postload"
-SECRET = "whsec-itest-5d7e0c2a9b"
+SECRET = suite_secret("receiver: webhook secret", "whsec-itest-5d7e0c2a9b")
 HEADER = "X-Fivetran-Signature-256"
 READY_TIMEOUT = 30.0
 ARRIVAL_TIMEOUT = 60.0  # the server's event persister flushes every few seconds
@@ -190,6 +191,8 @@ class ReceiverProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        assert_no_secret_in(self.stdout_path)
+        assert_no_secret_in(self.stderr_path)
         return self.proc.returncode
 
     def log_records(self) -> list[dict[str, Any]]:

@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 
 from postload.fivetran import SIGNATURE_HEADER, verify_signature
 from postload.receiver import MAX_BODY_BYTES, MAX_JSON_DEPTH, Receiver
-from tests.conftest import hostile
+from tests.conftest import hostile, suite_secret
 
-SECRET = "whsec-hostile-41c7e9d0b2"
+SECRET = suite_secret("hostile receiver: webhook secret", "whsec-hostile-41c7e9d0b2")
 # Nothing listens here; no test starts the forwarder except the one that fakes the API.
 API = "http://127.0.0.1:9/api"
 FIELDS = (

@@ -32,11 +32,12 @@ from postload.dbt._cloud import (
     DbtCloudUnavailableError,
     node_from_run_result,
 )
+from tests.conftest import suite_secret
 
 ACCOUNT = 123
 DEFAULT_JOB = 42
 SOURCE_JOB = 77
-API_KEY = "dbtc_TOPSECRET_k3y_do_not_leak_5f1e"
+API_KEY = suite_secret("dbt Cloud: API key", "dbtc_TOPSECRET_k3y_do_not_leak_5f1e")
 HOST = "cloud.getdbt.com"
 PREFIX = f"/api/v2/accounts/{ACCOUNT}"
 STATUS_NAMES = {

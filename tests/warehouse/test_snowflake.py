@@ -34,11 +34,12 @@ from postload.warehouse._snowflake import (
     is_transient,
     parse_copy_result,
 )
+from tests.conftest import suite_secret
 
 # fakesnow's own DuckDB calls warn; nothing postload can act on
 pytestmark = pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")
 
-PASSWORD = "p-secret-123"
+PASSWORD = suite_secret("Snowflake: password", "p-secret-123")
 
 PIPELINE = PipelineConfig.model_validate(
     {

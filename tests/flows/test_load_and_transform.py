@@ -5,19 +5,30 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterName,
+    TaskRunFilterStartTime,
+    TaskRunFilterState,
+    TaskRunFilterStateName,
+)
+from prefect.types._datetime import now
 
 from flows.load_and_transform import load_and_transform
 from postload.config import UnknownSourceError
 from postload.demo_data import write_demo_batch
 from postload.pipeline import LoadVerificationError
-from tests.conftest import REPO, PostloadHome, make_home, sql
+from tests.conftest import REPO, PostloadHome, land_and_load, make_home, sql
 
 EVENTS_MODELS = {"stg_events", "fct_daily_events"}
 
@@ -265,3 +276,73 @@ def test_transient_warehouse_failure_is_retried_without_duplicate_loads(
         )
     (load_run,) = [t for t in runs if t.name.startswith("load-")]
     assert load_run.run_count == 2
+
+
+HOLD_THE_WAREHOUSE = (
+    "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
+    "sys.stdin.read()"
+)
+
+
+def test_warehouse_locked_by_another_process_is_waited_out_by_retries_with_backoff(
+    prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone else's process (a notebook, the duckdb CLI) holds the warehouse file: the load task
+    fails on DuckDB's own lock, retries with backoff and, once the file is free, loads every file
+    exactly once."""
+    monkeypatch.setenv("POSTLOAD_RETRIES", "10")
+    monkeypatch.setenv("POSTLOAD_RETRY_BACKOFF_SECONDS", "0.5")  # 0.5, 1, 2, 4 s ...
+    monkeypatch.setenv("POSTLOAD_RETRY_JITTER_FACTOR", "0")
+    land_and_load(postload_home, "orders", 1)  # the warehouse exists, with its schema
+    write_demo_batch(postload_home.stage, "orders", 2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_WAREHOUSE, str(postload_home.duckdb)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    result: dict[str, Any] = {}
+    started = now("UTC")
+    flow = threading.Thread(
+        target=lambda: result.update(state=load_and_transform("orders", return_state=True))
+    )
+    flow.start()
+    try:
+
+        def load_awaiting_retry() -> bool:
+            with get_client(sync_client=True) as client:
+                tasks = client.read_task_runs(
+                    task_run_filter=TaskRunFilter(
+                        name=TaskRunFilterName(like_="load-"),
+                        state=TaskRunFilterState(
+                            name=TaskRunFilterStateName(any_=["AwaitingRetry"])
+                        ),
+                        start_time=TaskRunFilterStartTime(after_=started),
+                    )
+                )
+            return bool(tasks)
+
+        deadline = time.monotonic() + 120
+        while not load_awaiting_retry():
+            assert flow.is_alive() and time.monotonic() < deadline, "the load never retried"
+            time.sleep(0.2)
+    finally:
+        holder.communicate("", timeout=30)  # the other process lets go of the file
+        flow.join(timeout=300)
+
+    state = result["state"]
+    assert state.is_completed(), state.message
+    assert sql(postload_home, "select file, count(*) from ops.load_log group by 1 order by 1") == [
+        ("orders_0001.jsonl", 1),
+        ("orders_0002.jsonl", 1),
+    ]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (load_run,) = [t for t in runs if t.name.startswith("load-")]
+    assert load_run.run_count >= 2
+    assert load_run.state_name == "Completed"

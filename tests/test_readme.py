@@ -12,7 +12,12 @@ from tests.conftest import REPO
 from tests.test_cli import COMMANDS
 
 README = (REPO / "README.md").read_text()
-CODE_BLOCKS = re.findall(r"```(?:bash)?\n(.*?)```", README, flags=re.S)
+# Fenced blocks paired in order (a closing fence is never read as an opening one); shell only.
+CODE_BLOCKS = [
+    body
+    for lang, body in re.findall(r"^```(\w*)\n(.*?)^```$", README, flags=re.S | re.M)
+    if lang in ("", "bash")
+]
 INLINE_CODE = re.findall(r"`([^`\n]+)`", README)
 
 

@@ -20,7 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from postload.local_stack import use_local_server_settings
+
+use_local_server_settings()  # the test server runs as `postload stack` runs its own
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 

@@ -363,7 +363,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         return
 
     # Run 2: a real local Prefect API; the forwarder drains while requests arrive.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from postload.local_stack import use_local_server_settings
+
+    use_local_server_settings()  # the test server runs as `postload stack` runs its own
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 

@@ -47,15 +47,15 @@ import duckdb
 import httpx
 import yaml
 
+from postload.local_stack import use_local_server_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-sync-secret-3b1f"
 DEPLOYMENT = "transform-on-sync"
 FULL_RUN = "full-run-when-fresh"
 READY_TIMEOUT = 120.0
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# as `postload stack` runs its server: a run waiting for its deployment's slot retries every 2 s
-os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
+use_local_server_settings()  # the test server runs as `postload stack` runs its own
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 

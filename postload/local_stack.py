@@ -36,11 +36,33 @@ import httpx
 
 from postload.config import ConfigError, Settings
 
-__all__ = ["LocalStack", "StackError", "send_sync_end"]
+__all__ = ["LOCAL_SERVER_SETTINGS", "LocalStack", "StackError", "send_sync_end"]
 
 READY_TIMEOUT_SECONDS = 240.0
-SLOT_WAIT_ENV = "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"
-LOCAL_SLOT_WAIT_SECONDS = "2"
+
+# How postload runs a Prefect server of its own: the local stack, and the test and benchmark
+# servers, which start theirs with use_local_server_settings(). A value already in the
+# environment wins.
+LOCAL_SERVER_SETTINGS: dict[str, str] = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # A run woken while another run of its deployment is in progress waits for it (ENQUEUE); the
+    # server lets it try again this often (Prefect's default is 30 s).
+    "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+    # Every dbt node is a task run, recorded from its state events by the server's task run
+    # recorder, which by default writes each event in a transaction of its own (batch size 1):
+    # ~85 ms of server CPU per node, 18 s per 200-model build, on the cores dbt runs on. In
+    # batches of up to 100, flushed every second, that build costs the server ~8 s; task runs
+    # reach the UI and API at most a second later.
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+
+
+def use_local_server_settings() -> None:
+    """Give a Prefect server started later by this process (``prefect_test_harness``) the local
+    stack's settings, except those already set in the environment."""
+    for name, value in LOCAL_SERVER_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 class StackError(RuntimeError):
@@ -167,13 +189,10 @@ class LocalStack:
             **os.environ,
             "PREFECT_API_URL": self.api_url,
             "PREFECT_UI_URL": self.ui_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **{name: os.environ.get(name, value) for name, value in LOCAL_SERVER_SETTINGS.items()},
             "DO_NOT_TRACK": "1",
             # serve picks up scheduled and triggered runs within a second
             "PREFECT_RUNNER_POLL_FREQUENCY": os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "1"),
-            # a run woken during another run of its deployment waits for it (ENQUEUE); the server
-            # lets it try again this often (Prefect's default is 30 s)
-            SLOT_WAIT_ENV: os.environ.get(SLOT_WAIT_ENV, LOCAL_SLOT_WAIT_SECONDS),
             "POSTLOAD_PROJECT_DIR": str(self.root),
             **self.extra_env,
         }

@@ -22,11 +22,13 @@ import duckdb
 import httpx
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from postload.local_stack import use_local_server_settings
+
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # A run woken while another run of its deployment is in progress waits for it (ENQUEUE): the test
-# server lets it try again after 1 s instead of Prefect's 30 (the local stack uses 2).
+# server lets it try again after 1 s (the local stack uses 2, Prefect's default is 30).
 os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "1")
+use_local_server_settings()  # the test server runs as the local stack's does
 
 REPO = Path(__file__).resolve().parent.parent
 

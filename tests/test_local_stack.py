@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from postload.config import Settings
+from postload.local_stack import LOCAL_SERVER_SETTINGS, LocalStack
 from tests.conftest import (
     REPO,
     PostloadHome,
@@ -178,6 +180,21 @@ def models_built(api_url: str, flow_run_id: Any) -> set[str]:
     }
 
 
+def test_stack_server_gets_postload_settings_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    batch = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"
+    monkeypatch.setenv(batch, "7")
+    monkeypatch.delenv("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", raising=False)
+
+    env = LocalStack(Settings(_env_file=None, project_dir=tmp_path)).child_env()
+
+    assert env[batch] == "7"
+    assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"] == "1"
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert set(LOCAL_SERVER_SETTINGS) <= set(env)
+
+
 def test_banner_says_where_everything_is(running_stack: RunningStack) -> None:
     banner = running_stack.output.read_text()
     assert f"Prefect UI:   {running_stack.api_url.removesuffix('/api')}" in banner
@@ -200,10 +217,15 @@ def test_signed_webhook_runs_dbt_for_its_source(running_stack: RunningStack) -> 
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert "→ 202" in sent.stdout
 
+    expected = {"stg_events", "fct_daily_events"}
+
     def finished_build() -> set[str] | None:
+        # The server records task runs from their events in batches, flushed every second
+        # (LOCAL_SERVER_SETTINGS): a Completed run's node tasks may still be on their way.
         for run in flow_runs(running_stack.api_url, "transform-on-sync"):
-            if run.state_name == "Completed" and (
-                built := models_built(running_stack.api_url, run.id)
+            if (
+                run.state_name == "Completed"
+                and (built := models_built(running_stack.api_url, run.id)) >= expected
             ):
                 return built
         return None
@@ -211,7 +233,7 @@ def test_signed_webhook_runs_dbt_for_its_source(running_stack: RunningStack) -> 
     built = wait_for(
         finished_build, "a completed transform-on-sync run", RUN_TIMEOUT, running_stack.proc
     )
-    assert built == {"stg_events", "fct_daily_events"}
+    assert built == expected
 
 
 def test_ctrl_c_stops_everything_it_started(running_stack: RunningStack) -> None:

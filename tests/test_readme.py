@@ -8,6 +8,7 @@ import shlex
 import pytest
 
 from postload.config import Settings
+from postload.local_stack import LOCAL_SERVER_SETTINGS
 from tests.conftest import REPO
 from tests.test_cli import COMMANDS
 
@@ -62,6 +63,23 @@ def test_every_setting_in_the_readme_is_a_setting() -> None:
     # Read by prefect.docker.yaml's build step where you deploy, not by postload.
     deploy_time = {"IMAGE", "IMAGE_TAG"}
     assert documented - deploy_time <= fields, documented - deploy_time - fields
+
+
+def prefect_setting_names() -> set[str]:
+    # Prefect's own list of the environment variables it reads (private, but what
+    # `prefect config` validates against): a misspelt setting is otherwise silently ignored.
+    from prefect.settings import Settings as PrefectSettings
+    from prefect.settings.legacy import _get_valid_setting_names
+
+    return set(_get_valid_setting_names(PrefectSettings))
+
+
+def test_every_prefect_setting_in_the_readme_and_the_local_server_is_real() -> None:
+    documented = set(re.findall(r"\bPREFECT_[A-Z_]+[A-Z]\b", README))
+    assert "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE" in documented
+    real = prefect_setting_names()
+    assert documented <= real, documented - real
+    assert set(LOCAL_SERVER_SETTINGS) <= real, set(LOCAL_SERVER_SETTINGS) - real
 
 
 def test_every_layout_path_exists() -> None:

@@ -359,7 +359,7 @@ def blocks_register() -> None:
 
     report = register_blocks(Settings())
     typer.echo(format_report(report))
-    if report.incomplete:
+    if not report.ok:  # incomplete, invalid or not saved; a group not configured at all is fine
         raise typer.Exit(code=1)
 
 

@@ -19,6 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_dbt.cloud import DbtCloudCredentials
 from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
+from typer.testing import CliRunner
 
 from postload.blocks import (
     DBT_CLOUD_GROUP,
@@ -35,6 +36,7 @@ from postload.blocks import (
     format_report,
     register_blocks,
 )
+from postload.cli import app
 from postload.config import Settings
 from tests.conftest import suite_secret
 
@@ -374,6 +376,14 @@ def test_register_script_exit_codes(
     assert main() == 1  # incomplete
     out = capsys.readouterr().out
     assert "DBT_CLOUD_ACCOUNT_ID" in out and DBT_API_KEY not in out
+
+    # Invalid: the script and `postload blocks register` both fail, and say which variable.
+    monkeypatch.setenv("DBT_CLOUD_ACCOUNT_ID", "not-a-number")
+    assert main() == 1
+    assert "DBT_CLOUD_ACCOUNT_ID" in capsys.readouterr().out
+    cli = CliRunner().invoke(app, ["blocks", "register"])
+    assert cli.exit_code == 1, cli.output
+    assert "DBT_CLOUD_ACCOUNT_ID" in cli.output and DBT_API_KEY not in cli.output
 
     monkeypatch.setenv("DBT_CLOUD_ACCOUNT_ID", "99")
     assert main() == 0

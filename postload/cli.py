@@ -364,8 +364,11 @@ def blocks_register() -> None:
 
 
 def main() -> None:
-    # Prefect's server-side analytics phone home; the embedded default must work offline.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A temporary local API (no PREFECT_API_URL) runs as the local stack's server does: analytics
+    # off (the embedded default must work offline), task runs recorded in batches.
+    from postload.local_stack import use_local_server_settings
+
+    use_local_server_settings()
     # The temporary local API (no PREFECT_API_URL) takes ~25 s to start on 2 cores; Prefect's
     # default budget is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -160,3 +161,22 @@ def test_status_on_a_new_warehouse(postload_home: PostloadHome) -> None:
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "(no loads recorded yet)" in result.output
+
+
+def test_entry_point_gives_a_temporary_local_api_the_local_server_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from postload import cli
+    from postload.local_stack import LOCAL_SERVER_SETTINGS
+
+    for name in LOCAL_SERVER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "7")
+    monkeypatch.setattr("sys.argv", ["postload", "--help"])
+
+    with pytest.raises(SystemExit):
+        cli.main()
+
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert os.environ["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"] == "1"
+    assert os.environ["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "7"  # yours wins

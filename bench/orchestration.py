@@ -188,6 +188,23 @@ def runner_log_level(level: str) -> Iterator[None]:
         CoreDbtRunner._runner = original
 
 
+@contextmanager
+def switch_interval(milliseconds: float) -> Iterator[None]:
+    """Variant, in this process only: another GIL switch interval (``sys.setswitchinterval``).
+
+    A thread that wants the GIL waits up to the interval (CPython's default: 5 ms) before it asks
+    the holder to let go. dbt's threads give the GIL up for every DuckDB call and need it back
+    when the call returns; with Prefect's task, event and log threads busy in Python meanwhile,
+    each of those returns can wait a full interval.
+    """
+    original = sys.getswitchinterval()
+    sys.setswitchinterval(milliseconds / 1000)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(original)
+
+
 # --------------------------------------------------------------------------- generated project
 
 _STG = """select
@@ -470,10 +487,13 @@ def niced_server(pids: list[int], niceness: int = 10) -> Iterator[bool]:
 
 
 class Bench:
-    def __init__(self, work: Path, candidate: str | None, candidate_level: str) -> None:
+    def __init__(
+        self, work: Path, candidate: str | None, candidate_level: str, switch_ms: float = 1.0
+    ) -> None:
         self.work = work
         self.candidate = candidate
         self.candidate_level = candidate_level
+        self.switch_ms = switch_ms
         self.duckdb_path = work / "warehouse.duckdb"
         self.stage_root = work / "stage"
         self.timer = CallTimer()
@@ -575,6 +595,9 @@ class Bench:
         elif self.candidate == "niced-server":
             name = "Prefect server at nice 10"
             variant = niced_server(self.server)
+        elif self.candidate == "switch-interval":
+            name = f"GIL switch interval {self.switch_ms:g} ms"
+            variant = switch_interval(self.switch_ms)
         else:
             name = "Prefect server on a core of its own"
             variant = isolated_server(self.server)
@@ -801,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--candidate-kind",
         default="isolated-server",
-        choices=["isolated-server", "niced-server", "log-level"],
+        choices=["isolated-server", "niced-server", "log-level", "switch-interval"],
         help="second round: the Prefect server pinned to a core of its own (default), or "
         "the server at a lower CPU priority (niced-server), or prefect-dbt given --candidate-level for "
         "dbt's events",
@@ -812,6 +835,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["debug", "info", "warn", "error"],
         help="log level for --candidate-kind log-level (default info, prefect-dbt's default; "
         "postload ships warn)",
+    )
+    parser.add_argument(
+        "--candidate-switch-ms",
+        type=float,
+        default=1.0,
+        help="GIL switch interval for --candidate-kind switch-interval, in ms (CPython's default 5)",
     )
     parser.add_argument("--no-candidate", action="store_true", help="skip the second round")
     parser.add_argument(
@@ -871,7 +900,12 @@ def run(args: argparse.Namespace, work: Path, models: int, repeats: int) -> int:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     candidate = not args.no_candidate and (args.candidate or not args.quick)
-    bench = Bench(work, args.candidate_kind if candidate else None, args.candidate_level)
+    bench = Bench(
+        work,
+        args.candidate_kind if candidate else None,
+        args.candidate_level,
+        args.candidate_switch_ms,
+    )
     rows = load_demo_data(bench.duckdb_path, bench.stage_root)
     print(f"demo data loaded: {rows} rows")
     demo = work / "demo_project"

@@ -309,7 +309,7 @@ def serve(
     would create them for a work pool."""
     from prefect.settings import PREFECT_API_URL
 
-    from postload.stack import serve_deployments
+    from postload.stack import ApiNotReadyError, serve_deployments
 
     if not PREFECT_API_URL.value():
         raise _fail(
@@ -328,7 +328,7 @@ def serve(
             warm=warm,
             heartbeat_seconds=Settings().run_heartbeat_seconds,
         )
-    except ValueError as exc:
+    except (ValueError, ApiNotReadyError) as exc:
         raise _fail(str(exc)) from None
 
 

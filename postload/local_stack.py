@@ -220,17 +220,22 @@ class LocalStack:
                 )
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
+            # The runner's start is the longest part (~25 s of imports and warm-up on 2 cores)
+            # and needs nothing from the server until it registers the deployments, which it
+            # does once the API answers: it starts with the server, not after it.
             self._start_server()
+            self._spawn_runner()
+            self._wait_for_server()
             self._ensure_webhook_secret()
             self._start_receiver()
-            self._start_runner()
+            self._wait_for_runner()
             self._apply_automations()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        # Reverse order: the runner first (its runs end before the API goes), the server last.
+        # Reverse order of start: the server last, so the runs and forwards end before the API.
         for child in reversed(self.children):
             child.stop(signal.SIGINT if child.name != "receiver" else signal.SIGTERM, 30.0)
         self.children.clear()
@@ -290,6 +295,7 @@ class LocalStack:
             env,
         )
 
+    def _wait_for_server(self) -> None:
         def healthy() -> bool:
             try:
                 return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
@@ -338,14 +344,16 @@ class LocalStack:
 
         self._wait("the webhook receiver", healthy)
 
-    def _start_runner(self) -> None:
-        from postload.stack import deployment_specs
-
+    def _spawn_runner(self) -> None:
         argv = [_postload(), "serve", "--prefect-yaml", str(self._prefect_yaml)]
         if not self.schedules:
             argv.append("--no-schedules")
         self.echo("starting the runner for prefect.yaml's deployments (postload serve)")
         self._spawn("serve", argv, self.child_env())
+
+    def _wait_for_runner(self) -> None:
+        from postload.stack import deployment_specs
+
         names = [spec.name for spec in deployment_specs(self._prefect_yaml)]
 
         def deployed() -> bool:

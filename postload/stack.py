@@ -16,7 +16,23 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DeploymentSpec", "deployment_specs", "serve_deployments", "served_flows"]
+__all__ = [
+    "ApiNotReadyError",
+    "DeploymentSpec",
+    "deployment_specs",
+    "serve_deployments",
+    "served_flows",
+    "wait_for_api",
+]
+
+# How long `postload serve` waits for the Prefect API before it registers its deployments: a
+# runner started next to its server (`postload stack`, a compose file) is up before the API is; a
+# fresh local server's first start (database migrations) takes ~45 s on 2 cores.
+API_READY_TIMEOUT_SECONDS = 300.0
+
+
+class ApiNotReadyError(RuntimeError):
+    """The Prefect API did not answer its health check in time."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,36 @@ def served_flows(
     return served
 
 
+def wait_for_api(timeout_s: float = API_READY_TIMEOUT_SECONDS, poll_s: float = 0.5) -> None:
+    """Return once the configured Prefect API answers its health check; raise after timeout_s."""
+    import time
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            error = client.api_healthcheck()
+        if error is None:
+            return
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code < 500:
+            # Not a server still starting: a wrong URL or key does not get better by waiting.
+            raise ApiNotReadyError(
+                f"the Prefect API at {PREFECT_API_URL.value()} answered its health check with "
+                f"HTTP {error.response.status_code}: is PREFECT_API_URL (and PREFECT_API_KEY) "
+                "right?"
+            )
+        if time.monotonic() > deadline:
+            raise ApiNotReadyError(
+                f"the Prefect API at {PREFECT_API_URL.value()} did not answer its health check "
+                f"within {timeout_s:.0f} s ({type(error).__name__}): is the server running and "
+                "PREFECT_API_URL right?"
+            )
+        time.sleep(poll_s)
+
+
 def serve_deployments(
     prefect_yaml: Path,
     *,
@@ -116,25 +162,32 @@ def serve_deployments(
     with_schedules: bool = True,
     warm: bool = True,
     heartbeat_seconds: int | None = None,
+    api_timeout_s: float = API_READY_TIMEOUT_SECONDS,
 ) -> None:
     """Create/update the deployments and run their flow runs until interrupted.
 
     The flows are handed to the runner as objects (``Runner.add_flow``), so it starts each run
     from the flow in memory instead of ``python -m prefect.engine`` re-loading the entrypoint.
     With ``warm`` (the default) each run is forked from a process that has already imported
-    Prefect, dbt and postload (``postload._warm_start``) instead of a fresh interpreter.
+    Prefect, dbt and postload (``postload._warm_start``) instead of a fresh interpreter. The API
+    may still be starting: the deployments are registered once it answers (``wait_for_api``).
     """
+    from postload import _warm_start
+
+    if warm:
+        # First: the forkserver's imports then overlap this process's own (flows, runner).
+        _warm_start.start_preloading()
+
     import asyncio
 
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
 
-    from postload import _warm_start
-
     served = served_flows(prefect_yaml, only=only, with_schedules=with_schedules)
     # Warm up before the deployments exist, so no run is created that a cold start would serve.
     if warm and _warm_start.install():
         print("flow runs start from a warm process (Prefect, dbt and postload preloaded)")
+    wait_for_api(api_timeout_s)
     runner = Runner(name="postload", heartbeat_seconds=heartbeat_seconds)
     for flow, kwargs in served:
         runner.add_flow(flow, **kwargs)

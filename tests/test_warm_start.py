@@ -11,15 +11,14 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-SCRIPT = textwrap.dedent(
+# The flow lives in a folder added to sys.path only after the forkserver started, as `postload
+# serve` starts it before loading prefect.yaml's entrypoints (which adds their folders).
+FLOW_MODULE = textwrap.dedent(
     """
     import json, os, sys
     from pathlib import Path
 
     from prefect import flow
-    from prefect.flow_engine import run_flow_in_subprocess
-
-    from postload import _warm_start
 
     @flow(name="where-am-i")
     def where_am_i(out: str) -> None:
@@ -36,12 +35,27 @@ SCRIPT = textwrap.dedent(
                 if int(tid) != os.getppid()
             ],
         }))
+    """
+)
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+
+    from postload import _warm_start
 
     if __name__ == "__main__":
+        # As `postload serve` does: the forkserver imports while this process does its own.
+        started = _warm_start.start_preloading()
+        from prefect.flow_engine import run_flow_in_subprocess
+
+        sys.path.insert(0, sys.argv[2])
+        from late_flow import where_am_i
+
         installed = _warm_start.install()
         process = run_flow_in_subprocess(where_am_i, parameters={"out": sys.argv[1]})
         process.join()
-        print(json.dumps({"installed": installed, "pid": os.getpid(),
+        print(json.dumps({"started": started, "installed": installed, "pid": os.getpid(),
                           "exitcode": process.exitcode, "kind": type(process).__name__}))
     """
 )
@@ -52,11 +66,13 @@ def test_flow_run_is_forked_from_a_preloaded_process_without_threads(
 ) -> None:
     script = tmp_path / "warm.py"
     script.write_text(SCRIPT)
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "late_flow.py").write_text(FLOW_MODULE)
     out = tmp_path / "child.json"
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO)}
 
     done = subprocess.run(
-        [sys.executable, str(script), str(out)],
+        [sys.executable, str(script), str(out), str(tmp_path / "late")],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -66,7 +82,7 @@ def test_flow_run_is_forked_from_a_preloaded_process_without_threads(
 
     assert done.returncode == 0, done.stderr[-3000:]
     parent = json.loads(done.stdout.strip().splitlines()[-1])
-    assert parent["installed"] is True
+    assert parent["started"] is True and parent["installed"] is True
     assert parent["kind"] == "ForkServerProcess"
     assert parent["exitcode"] == 0
     child = json.loads(out.read_text())

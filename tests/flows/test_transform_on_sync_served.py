@@ -195,19 +195,6 @@ def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         source["loader"] = {"type": "fivetran", "connector_id": f"conn_{source['name']}"}
     (home.root / "postload.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    # The first sync of every source, built once: later runs see only what lands after.
-    from flows.transform_on_sync import transform_on_sync
-
-    for source in ("customers", "orders", "events"):
-        write_demo_batch(home.stage, source, 1)
-    settings = Settings()
-    pipeline = settings.load_pipeline()
-    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
-    warehouse.ensure_schema()
-    for source in pipeline.sources:
-        warehouse.load(source, None)
-    assert transform_on_sync(reason="sweep")["builds"]
-
     port = free_port()
     env = {
         **os.environ,
@@ -237,6 +224,19 @@ def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         runner_env=env,
     )
     try:
+        # The first sync of every source, built once: later runs see only what lands after.
+        # Built while the receiver and runner start (nothing triggers them meanwhile).
+        from flows.transform_on_sync import transform_on_sync
+
+        for source in ("customers", "orders", "events"):
+            write_demo_batch(home.stage, source, 1)
+        settings = Settings()
+        pipeline = settings.load_pipeline()
+        warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
+        warehouse.ensure_schema()
+        for source in pipeline.sources:
+            warehouse.load(source, None)
+        assert transform_on_sync(reason="sweep")["builds"]
 
         def deployment() -> uuid.UUID | None:
             with get_client(sync_client=True) as client:
@@ -469,6 +469,9 @@ def test_a_run_lost_with_its_runner_is_crashed_by_heartbeat_alerted_once_and_cov
     apply_automations(automations.block_id, heartbeat_seconds=30, lost_after_seconds=40)
     victim = _kill_mid_build(served, "events", 7, _runner_and_everything_under_it)
     served.procs[1].wait(timeout=10)
+    # The machine comes back while the lost run still says Running: a new runner starts now (its
+    # ~25 s start overlaps the heartbeat window) and must leave that run to the automation.
+    served.restart_runner()
 
     def crashed() -> Any:
         (run,) = [r for r in served.runs() if r.id == victim]
@@ -479,9 +482,8 @@ def test_a_run_lost_with_its_runner_is_crashed_by_heartbeat_alerted_once_and_cov
     message = _alerted_once(served, automations, run)
     assert "transform-on-sync crashed" in message and "No heartbeat" in message
 
-    # A new runner (the restarted machine) and the next sync build the lost run's data: the
-    # Crashed state released the deployment's concurrency slot, so no run is kept waiting for it.
-    served.restart_runner()
+    # The new runner and the next sync build the lost run's data: the Crashed state released the
+    # deployment's concurrency slot, so no run is kept waiting for it.
     served.seen.add(victim)
     served.land("customers", 7)
     served.post_sync_end("customers")

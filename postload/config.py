@@ -472,4 +472,13 @@ class Settings(BaseSettings):
         return value, f"Secret block {name!r}"
 
     def load_pipeline(self) -> PipelineConfig:
-        return load_pipeline_config(self.pipeline_config_path)
+        path = self.pipeline_config_path
+        if not path.is_file() and "project_dir" not in self.model_fields_set:
+            # The usual cause on a worker or in a container: a flow run started outside the
+            # checkout (the working directory is the default project dir).
+            raise ConfigError(
+                f"{path}: pipeline config not found (expected a YAML file). POSTLOAD_PROJECT_DIR "
+                f"is not set, so the postload checkout is taken to be the working directory "
+                f"{self.project_dir}: run from the checkout, or set POSTLOAD_PROJECT_DIR to it"
+            )
+        return load_pipeline_config(path)

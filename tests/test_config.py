@@ -217,3 +217,26 @@ def test_a_block_without_a_usable_secret_is_reported(prefect_server: str, tmp_pa
     Secret(value={"not": "a string"}).save(block)
     with pytest.raises(ConfigError, match=rf"{block!r} holds a dict, not a non-empty string"):
         secret_settings(tmp_path, None, block).resolve_fivetran_webhook_secret()
+
+
+def test_missing_config_outside_the_checkout_says_to_set_the_project_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flow run started outside the checkout (a worker's working directory) is told why."""
+    monkeypatch.delenv("POSTLOAD_PROJECT_DIR", raising=False)
+    monkeypatch.delenv("POSTLOAD_PIPELINE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        Settings(_env_file=None).load_pipeline()
+    assert str(err.value) == (
+        f"{tmp_path / 'postload.yaml'}: pipeline config not found (expected a YAML file). "
+        f"POSTLOAD_PROJECT_DIR is not set, so the postload checkout is taken to be the working "
+        f"directory {tmp_path}: run from the checkout, or set POSTLOAD_PROJECT_DIR to it"
+    )
+
+    monkeypatch.setenv("POSTLOAD_PROJECT_DIR", str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        Settings(_env_file=None).load_pipeline()
+    assert str(err.value) == (
+        f"{tmp_path / 'postload.yaml'}: pipeline config not found (expected a YAML file)"
+    )

@@ -27,7 +27,8 @@ from dbt_common.events.base_types import EventLevel, EventMsg
 from prefect import get_client
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import State
-from prefect.context import SettingsContext, hydrated_context
+from prefect.context import SettingsContext
+from prefect.futures import PrefectFuture, PrefectTaskRunFuture
 from prefect.settings import get_current_settings
 from prefect.task_engine import run_task_sync
 from prefect.tasks import Task
@@ -99,17 +100,44 @@ def release_duckdb_file() -> None:
         env.close()
 
 
+class _FinishedNode(PrefectTaskRunFuture[Any]):
+    """An upstream node's ended task run, handed to its dependents' ``wait_for`` as a future.
+
+    Prefect walks every ``wait_for`` item with ``visit_collection`` two or three times per task
+    run (task inputs, then the readiness check). A ``State`` is a pydantic model, so each walk
+    descends through its details and result record (~40 objects); a future is a leaf. The
+    dependent gets the same ``wait_for`` input (the upstream task run id) and the same readiness
+    check on the state.
+    """
+
+    def __init__(self, state: State) -> None:
+        super().__init__(task_run_id=state.state_details.task_run_id)
+        self._final_state = state
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+        return self._final_state.result(raise_on_failure=raise_on_failure, _sync=True)  # type: ignore[call-overload]
+
+    def add_done_callback(self, fn: Callable[[PrefectFuture[Any]], None]) -> None:
+        fn(self)
+
+
 class _NodeTasks(NodeTaskTracker):
     """prefect-dbt's per-node task bookkeeping, with the task threads kept, joined and cheap.
 
     prefect-dbt 0.7.25 starts one daemon thread per dbt node and never joins it, so its task runs
     may still be reporting their end state when ``invoke()`` returns, when the flow ends, and when
     the interpreter exits; a daemon thread caught in finalization aborted processes with
-    "FATAL: exception not rethrown" after their flow had completed. ``run_task_in_thread`` is the
-    upstream body (``prefect_dbt/core/_tracker.py``) plus the thread handle, so ``finish`` can
-    wait for them, and run in a copy of the invoking thread's context variables, as Prefect's own
-    ``ThreadPoolTaskRunner`` runs its threads: the thread then finds the flow run's API client
-    instead of building two or three of its own (each loads the CA bundle, ~30 ms of CPU).
+    "FATAL: exception not rethrown" after their flow had completed. ``run_task_in_thread`` keeps
+    the thread handle, so ``finish`` can wait for them, and runs the task as Prefect's own
+    ``ThreadPoolTaskRunner`` runs a task in a thread: in a copy of the invoking thread's context
+    variables, which hold the flow run's context (its API client, settings, tags) as they are.
+    Upstream (``prefect_dbt/core/_tracker.py``) instead hydrates prefect-dbt's serialized context
+    twice per node, validating the flow run, flow and settings models again each time and
+    building API clients (~30 ms of CPU each: they load the CA bundle). Upstream nodes reach
+    ``wait_for`` as futures (see ``_FinishedNode``).
     """
 
     def __init__(self, run_context: contextvars.Context) -> None:
@@ -126,21 +154,19 @@ class _NodeTasks(NodeTaskTracker):
         context: dict[str, Any],
     ) -> None:
         def run_task() -> None:
-            with hydrated_context(context):
-                states: list[State] = [
-                    state
-                    for dep_id in self.get_node_dependencies(node_id)
-                    if (state := self.get_task_result(dep_id))
-                ]
-                state = run_task_sync(
-                    task,
-                    task_run_id=task_run_id,
-                    parameters=parameters,
-                    wait_for=states,
-                    context=context,
-                    return_type="state",
-                )
-                self.set_task_result(node_id, state or None)
+            upstream = [
+                _FinishedNode(state)
+                for dep_id in self.get_node_dependencies(node_id)
+                if (state := self.get_task_result(dep_id))
+            ]
+            state = run_task_sync(
+                task,
+                task_run_id=task_run_id,
+                parameters=parameters,
+                wait_for=upstream,
+                return_type="state",
+            )
+            self.set_task_result(node_id, state or None)
 
         # Still a daemon: a wedged Prefect API must not keep the process alive forever.
         thread = threading.Thread(

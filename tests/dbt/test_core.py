@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
+from uuid import UUID
 
 from prefect import flow
 from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
 from prefect.context import SettingsContext, hydrated_context, serialize_context
 from prefect.settings import get_current_settings
 from prefect.tasks import Task
@@ -111,6 +113,50 @@ def test_a_node_dbt_never_finishes_does_not_keep_its_task_waiting(prefect_server
     assert still_running == []
     assert state is not None and state.is_completed()
     assert node_threads() == []
+
+
+def test_node_tasks_record_their_upstream_node_and_a_task_run_each(prefect_server: str) -> None:
+    """Node tasks run in the flow run's own context variables and get their upstream nodes as
+    futures: each is still a task run of its own, with its upstream task run as wait_for."""
+
+    def run_node(tracker: _NodeTasks, node_id: str, upstream: list[str]) -> UUID:
+        task = Task(fn=execute_dbt_node, cache_policy=NO_CACHE, task_run_name=f"model {node_id}")
+        task_run_id = uuid7()
+        tracker.start_task(node_id, task)
+        tracker.set_node_dependencies(node_id, upstream)
+        tracker.run_task_in_thread(
+            node_id,
+            task,
+            task_run_id=task_run_id,
+            parameters={"task_state": tracker, "node_id": node_id, "asset_id": None},
+            context=run_context(),
+        )
+        tracker.set_node_status(node_id, {"node_info": {"node_status": "success"}}, "OK")
+        return task_run_id
+
+    @flow
+    def two_nodes() -> tuple[UUID, UUID]:
+        tracker = _NodeTasks(contextvars.copy_context())
+        upstream_id = run_node(tracker, "model.demo.a", [])
+        tracker._threads[0].join(60)  # model.demo.a's state is set once its thread ends
+        downstream_id = run_node(tracker, "model.demo.b", ["model.demo.a"])
+        assert tracker.finish(timeout_s=60) == []
+        return upstream_id, downstream_id
+
+    state = two_nodes(return_state=True)
+    upstream_id, downstream_id = state.result()
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:  # task runs reach the server as events: allow it a lag
+            runs = {t.id: t for t in client.read_task_runs(flow_run_filter=flow_runs)}
+            if len(runs) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert set(runs) == {upstream_id, downstream_id}
+    assert all(run.state_type == StateType.COMPLETED for run in runs.values())
+    assert [i.id for i in runs[downstream_id].task_inputs["wait_for"]] == [upstream_id]
+    assert runs[upstream_id].task_inputs.get("wait_for", []) == []
 
 
 def test_build_in_a_flow_returns_with_every_node_task_done(

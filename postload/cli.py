@@ -4,6 +4,7 @@ Fivetran webhook receiver)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -155,6 +156,18 @@ def demo(
     sys.exit(run_demo(Settings(), api_port=port, keep_running=keep_running, echo=typer.echo))
 
 
+def _restore_ctrl_c() -> None:
+    """Let Ctrl-C (SIGINT) stop this command even when it was started with SIGINT ignored.
+
+    A shell starts a background job (`postload stack &`, a CI step) with SIGINT ignored; Python
+    then installs no KeyboardInterrupt handler, and child processes inherit the ignored
+    disposition. The stack stops its runner and server with SIGINT, and both commands say Ctrl-C
+    stops them. A handler, unlike an ignored signal, is reset to the default in a new program, so
+    the stack's children get SIGINT back too.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @app.command()
 def stack(
     port: Annotated[int, typer.Option(help="the Prefect server's port (API and UI)")] = 4200,
@@ -169,13 +182,12 @@ def stack(
     """Start the whole embedded system: a local Prefect server with its UI, a runner serving
     prefect.yaml's deployments, the webhook receiver and the automations; print the URLs and
     how to send a test event. Ctrl-C stops everything it started."""
-    import signal
-
     from postload.local_stack import LocalStack, StackError
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
+    _restore_ctrl_c()
     signal.signal(signal.SIGTERM, interrupt)
     local = LocalStack(
         Settings(),
@@ -311,6 +323,7 @@ def serve(
 
     from postload.stack import ApiNotReadyError, serve_deployments
 
+    _restore_ctrl_c()
     if not PREFECT_API_URL.value():
         raise _fail(
             "PREFECT_API_URL is not set: `postload serve` needs a running Prefect server "

@@ -39,6 +39,8 @@ from postload.config import ConfigError, Settings
 __all__ = ["LOCAL_SERVER_SETTINGS", "LocalStack", "StackError", "send_sync_end"]
 
 READY_TIMEOUT_SECONDS = 240.0
+# How long each part gets to stop on its signal before it is killed (flow runs end, outbox flushes).
+CHILD_STOP_TIMEOUT_S = 30.0
 
 # How postload runs a Prefect server of its own: the local stack, and the test and benchmark
 # servers, which start theirs with use_local_server_settings(). A value already in the
@@ -120,19 +122,23 @@ class _Child:
                 f"({self.log}):\n{_tail(self.log)}"
             )
 
-    def stop(self, sig: int, timeout: float) -> None:
+    def stop(self, sig: int, timeout: float) -> bool:
+        """Stop the child with sig; False when it had to be killed after timeout seconds."""
+        graceful = True
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                graceful = False
                 self.process.kill()
                 self.process.wait()
         # The child led its own process group: take down anything it left (forked flow runs,
         # the forkserver, the server's workers).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        return graceful
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -237,7 +243,12 @@ class LocalStack:
     def stop(self) -> None:
         # Reverse order of start: the server last, so the runs and forwards end before the API.
         for child in reversed(self.children):
-            child.stop(signal.SIGINT if child.name != "receiver" else signal.SIGTERM, 30.0)
+            sig = signal.SIGINT if child.name != "receiver" else signal.SIGTERM
+            if not child.stop(sig, CHILD_STOP_TIMEOUT_S):
+                self.echo(
+                    f"{child.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f} s of "
+                    f"{signal.Signals(sig).name}: killed (its log: {child.log})"
+                )
         self.children.clear()
 
     def check_alive(self) -> None:

@@ -41,6 +41,10 @@ RUN_TIMEOUT = 240.0
 T = TypeVar("T")
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def wait_for(check: Callable[[], T | None], what: str, timeout: float, proc: subprocess.Popen) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -130,6 +134,9 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # As a shell starts a background job (`postload stack &`, a CI step): SIGINT ignored,
+            # which its children would inherit. Ctrl-C must stop everything all the same.
+            preexec_fn=_ignore_sigint,
         )
     try:
         wait_for(
@@ -245,7 +252,9 @@ def test_ctrl_c_stops_everything_it_started(running_stack: RunningStack) -> None
 
     running_stack.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
     assert running_stack.proc.wait(timeout=120) == 0
-    assert "stopped" in running_stack.output.read_text().splitlines()[-1]
+    output = running_stack.output.read_text()
+    assert "stopped" in output.splitlines()[-1]
+    assert "did not stop" not in output, output  # each part stopped on its signal, none killed
     # the webhook secret it was given reached no log of the stack or its children
     logs = sorted((running_stack.home.root / ".postload" / "logs").glob("*.log"))
     assert {log.name for log in logs} >= {"receiver.log", "serve.log"}

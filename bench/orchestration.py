@@ -23,13 +23,15 @@ each method to warm the process). Reported: medians, ratio postload/bare (goal <
 postload time goes (a few calls are wrapped with timers in this process only; postload code is not
 modified), the CPU each run took in this process and in the Prefect server, how the overhead grows
 from the demo project to the generated one, and a variant measured against bare in a second
-round: by default the same runs with the Prefect server on a core of its own (this process pinned
-to the other), which separates what the server's work costs the build on a shared machine from
-what postload's process itself spends.
+round: by default the same runs with the node task runs recorded from threads of this process
+(``POSTLOAD_DBT_NODE_TASKS=thread``, prefect-dbt's way) instead of from a forked child (postload's
+default on Linux); ``--candidate-kind isolated-server`` instead puts the Prefect server on a core
+of its own (this process pinned to the other), which separates what the server's work costs the
+build on a shared machine from what postload's process itself spends.
 
     .venv/bin/python bench/orchestration.py [--quick] [--models 200] [--repeats 3]
         [--gen-repeats 3] [--no-candidate] [--candidate]
-        [--candidate-kind isolated-server|niced-server|log-level] [--candidate-level info] [--keep]
+        [--candidate-kind thread-node-tasks|isolated-server|niced-server|log-level] [--candidate-level info] [--keep]
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ class Measured:
     def cpu(self, kind: str, method: str) -> float | None:
         values = (self.process_cpu if kind == "process" else self.server_cpu)[method]
         return statistics.median(values) if values else None
+
+
+def own_cpu_seconds() -> float:
+    """CPU of this process and of the children it has waited for: the node task process each
+    dbt invocation forks is waited for before the invocation returns."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 @dataclass
@@ -184,6 +193,30 @@ def runner_log_level(level: str) -> Iterator[None]:
     CoreDbtRunner._runner = _runner
     try:
         yield
+    finally:
+        CoreDbtRunner._runner = original
+
+
+@contextmanager
+def thread_node_tasks() -> Iterator[bool]:
+    """Variant, in this process only: node task runs recorded from threads of the dbt process.
+
+    postload's default on Linux (``POSTLOAD_DBT_NODE_TASKS=process``) records them from a child
+    forked at each dbt invocation; ``thread`` is prefect-dbt's own way, kept for other platforms.
+    """
+    from postload.config import NodeTaskMode
+    from postload.dbt._core import CoreDbtRunner
+
+    original = CoreDbtRunner._runner
+
+    def _runner(self: Any) -> Any:
+        runner = original(self)
+        runner.node_task_mode = NodeTaskMode.THREAD
+        return runner
+
+    CoreDbtRunner._runner = _runner
+    try:
+        yield True
     finally:
         CoreDbtRunner._runner = original
 
@@ -516,7 +549,7 @@ class Bench:
         wait_until_idle(self.server)
         server_before = cpu_seconds(self.server)
         with self.timer.collect() as steps:
-            cpu_started = time.process_time()
+            cpu_started = own_cpu_seconds()
             call_started = time.perf_counter()
             if method == "bare":
                 seconds, nodes = bare_build(project, target)
@@ -533,7 +566,7 @@ class Bench:
                 seconds, nodes = out["seconds"], out["nodes"]
                 self.last_flow_run = str(out["flow_run_id"])
             call = time.perf_counter() - call_started
-            process_cpu = time.process_time() - cpu_started
+            process_cpu = own_cpu_seconds() - cpu_started
         gc_started = time.perf_counter()
         gc.collect()
         steps["gc_after"] = time.perf_counter() - gc_started
@@ -595,6 +628,9 @@ class Bench:
         elif self.candidate == "niced-server":
             name = "Prefect server at nice 10"
             variant = niced_server(self.server)
+        elif self.candidate == "thread-node-tasks":
+            name = "node tasks in threads (POSTLOAD_DBT_NODE_TASKS=thread)"
+            variant = thread_node_tasks()
         elif self.candidate == "switch-interval":
             name = f"GIL switch interval {self.switch_ms:g} ms"
             variant = switch_interval(self.switch_ms)
@@ -705,7 +741,8 @@ def breakdown(results: list[Measured]) -> None:
         rows,
     )
     print(
-        "this process: all its threads during the call; Prefect server: the local test server\n"
+        "this process: all its threads during the call, and the node task process it forked\n"
+        "and waited for (POSTLOAD_DBT_NODE_TASKS=process); Prefect server: the local test server\n"
         "(same 2 cores) from the call until it is idle again — it records task runs, assets and\n"
         "logs from the events and log batches the run sent; full gc after: gc.collect() right\n"
         "after the run (untimed, so no run pays for garbage an earlier one left)."
@@ -823,9 +860,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-generated", action="store_true", help="demo project only")
     parser.add_argument(
         "--candidate-kind",
-        default="isolated-server",
-        choices=["isolated-server", "niced-server", "log-level", "switch-interval"],
-        help="second round: the Prefect server pinned to a core of its own (default), or "
+        default="thread-node-tasks",
+        choices=[
+            "thread-node-tasks",
+            "isolated-server",
+            "niced-server",
+            "log-level",
+            "switch-interval",
+        ],
+        help="second round: node task runs recorded from threads of the dbt process instead of "
+        "a forked child (default), or the Prefect server pinned to a core of its own, or "
         "the server at a lower CPU priority (niced-server), or prefect-dbt given --candidate-level for "
         "dbt's events",
     )

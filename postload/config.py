@@ -13,7 +13,9 @@ SQL anywhere is ever built from an unchecked config value.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
@@ -84,6 +86,22 @@ class WarehouseKind(StrEnum):
 class DbtRunnerKind(StrEnum):
     CORE = "core"
     CLOUD = "cloud"
+
+
+class NodeTaskMode(StrEnum):
+    """Where dbt Core's per-node Prefect task runs are recorded from (see postload/dbt/_node_process.py)."""
+
+    PROCESS = "process"  # a forked child: Prefect's per-task work stays off dbt's GIL
+    THREAD = "thread"  # threads of the dbt process, as prefect-dbt does
+
+    @classmethod
+    def default(cls) -> NodeTaskMode:
+        # fork() with threads running is only sound where Prefect resets its own threads in the
+        # child (it does, via os.register_at_fork) and the C runtime allows it: Linux. macOS's
+        # system frameworks are not fork-safe once threads exist.
+        return (
+            cls.PROCESS if hasattr(os, "fork") and sys.platform.startswith("linux") else cls.THREAD
+        )
 
 
 class _Strict(BaseModel):
@@ -381,6 +399,7 @@ class Settings(BaseSettings):
     retry_jitter_factor: float = Field(0.5, ge=0)
     # dbt node failures (Core): `dbt retry` attempts of the failed nodes and their children
     dbt_node_retries: int = Field(default=1, ge=0, le=10)
+    dbt_node_tasks: NodeTaskMode = Field(default_factory=NodeTaskMode.default)
 
     receiver_host: str = Field("127.0.0.1", min_length=1, description="the receiver's bind address")
     receiver_port: int = Field(8787, ge=1, le=65535)

@@ -94,4 +94,5 @@ def open_dbt_runner(
         existing_relations=existing_relations,
         node_retries=settings.dbt_node_retries,
         node_retry_delay_seconds=settings.retry_backoff_seconds,
+        node_task_mode=settings.dbt_node_tasks,
     )

@@ -29,6 +29,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import State
 from prefect.context import SettingsContext
 from prefect.futures import PrefectFuture, PrefectTaskRunFuture
+from prefect.results import ResultRecord
 from prefect.settings import get_current_settings
 from prefect.task_engine import run_task_sync
 from prefect.tasks import Task
@@ -40,8 +41,9 @@ from prefect.utilities.templating import (
 from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
 from prefect_dbt.core._tracker import NodeTaskTracker
 
-from postload.config import Selection
+from postload.config import NodeTaskMode, Selection
 from postload.dbt import DbtBuildResult, NodeResult
+from postload.dbt._node_process import NodeTaskProcess
 
 # The checked-in profiles.yml reads the warehouse path from this variable — the same one Settings
 # reads — so users can run plain `dbt` against the same file by exporting it.
@@ -100,6 +102,27 @@ def release_duckdb_file() -> None:
         env.close()
 
 
+class _EndedNodeState(State):
+    """A node task's end state whose in-memory result is read in the calling thread.
+
+    Prefect's readiness check asks every upstream state of a task run for its result and throws
+    it away (``resolve_to_final_result`` for ``wait_for``). ``State.result`` runs a coroutine
+    through Prefect's event-loop thread and waits for it: a cross-thread round trip per dbt
+    edge, ~1 ms of CPU split between two threads, to read ``ResultRecord.result`` (always None
+    for prefect-dbt's node task). This reads it as ``prefect.states._get_state_result`` does for
+    a completed state with an in-memory record; any other state goes the usual way.
+    """
+
+    def result(
+        self, raise_on_failure: bool = True, retry_result_failure: bool = True, **kwargs: Any
+    ) -> Any:
+        if self.is_completed() and isinstance(self.data, ResultRecord):
+            return self.data.result
+        return super().result(  # type: ignore[call-overload]
+            raise_on_failure=raise_on_failure, retry_result_failure=retry_result_failure, **kwargs
+        )
+
+
 class _FinishedNode(PrefectTaskRunFuture[Any]):
     """An upstream node's ended task run, handed to its dependents' ``wait_for`` as a future.
 
@@ -107,12 +130,15 @@ class _FinishedNode(PrefectTaskRunFuture[Any]):
     run (task inputs, then the readiness check). A ``State`` is a pydantic model, so each walk
     descends through its details and result record (~40 objects); a future is a leaf. The
     dependent gets the same ``wait_for`` input (the upstream task run id) and the same readiness
-    check on the state.
+    check on the state, whose result is read without a trip through the event loop
+    (``_EndedNodeState``).
     """
 
     def __init__(self, state: State) -> None:
         super().__init__(task_run_id=state.state_details.task_run_id)
-        self._final_state = state
+        self._final_state = _EndedNodeState.model_construct(
+            _fields_set=state.model_fields_set, **dict(state)
+        )
 
     def wait(self, timeout: float | None = None) -> None:
         return None
@@ -254,7 +280,20 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
     (see ``_LiveSettingsContext`` and ``_NodeTasks``).
     """
 
-    _node_tasks: _NodeTasks | None = None
+    _node_tasks: _NodeTasks | NodeTaskProcess | None = None
+    node_task_mode: NodeTaskMode = NodeTaskMode.THREAD
+
+    def _new_node_tasks(self) -> _NodeTasks | NodeTaskProcess:
+        if self.node_task_mode is NodeTaskMode.PROCESS:
+            try:
+                return NodeTaskProcess(NODE_TASKS_TIMEOUT_S)
+            except OSError as exc:  # fork refused (process or memory limit): threads still work
+                logger.warning(
+                    "cannot fork the process that records dbt node task runs (%s): "
+                    "recording them in threads of this process instead",
+                    exc,
+                )
+        return _NodeTasks(contextvars.copy_context())
 
     def _create_unified_callback(
         self,
@@ -266,7 +305,15 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
     ) -> Callable[[EventMsg], None]:
         # Called by invoke() in the flow (or task) run's thread, before it starts the callback
         # thread; its tracker exists only to be handed over here, ours replaces it.
-        self._node_tasks = _NodeTasks(contextvars.copy_context())
+        self._node_tasks = self._new_node_tasks() if create_tasks_for_nodes else None
+        if self._node_tasks is None:
+            return super()._create_unified_callback(
+                task_state,
+                log_level,
+                context,
+                add_test_edges=add_test_edges,
+                create_tasks_for_nodes=create_tasks_for_nodes,
+            )
         return super()._create_unified_callback(
             self._node_tasks,
             log_level,
@@ -316,6 +363,7 @@ class CoreDbtRunner:
         existing_relations: Callable[[], set[tuple[str, str]]] | None = None,
         node_retries: int = 0,
         node_retry_delay_seconds: float = 0.0,
+        node_task_mode: NodeTaskMode | None = None,
     ) -> None:
         self.project_dir = project_dir
         self.duckdb_path = duckdb_path
@@ -323,6 +371,7 @@ class CoreDbtRunner:
         self.existing_relations = existing_relations
         self.node_retries = node_retries
         self.node_retry_delay_seconds = node_retry_delay_seconds
+        self.node_task_mode = node_task_mode or NodeTaskMode.default()
 
     def _runner(self) -> PrefectDbtRunner:
         settings = _DbtSettings(
@@ -331,11 +380,13 @@ class CoreDbtRunner:
             target_path=self.target_path,
             log_level=DBT_EVENTS_TO_PREFECT_LOGS,
         )
-        return _NodeTaskDbtRunner(
+        runner = _NodeTaskDbtRunner(
             settings=settings,
             raise_on_failure=False,
             client=_unused_client(get_current_settings().api.url),
         )
+        runner.node_task_mode = self.node_task_mode
+        return runner
 
     def invoke(self, args: list[str]) -> Any:
         """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run)."""

@@ -13,6 +13,7 @@ from typing import Any
 from unittest.mock import patch
 from uuid import UUID
 
+import pytest
 from prefect import flow
 from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE
@@ -20,8 +21,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 from prefect.context import SettingsContext, hydrated_context, serialize_context
+from prefect.exceptions import UpstreamTaskError
 from prefect.settings import get_current_settings
 from prefect.tasks import Task
+from prefect.utilities.engine import resolve_to_final_result
 from prefect_dbt import PrefectDbtSettings
 from prefect_dbt.core.runner import execute_dbt_node
 
@@ -30,6 +33,7 @@ from postload.dbt._core import (
     NODE_TASK_THREAD_PREFIX,
     CoreDbtRunner,
     _DbtSettings,
+    _FinishedNode,
     _LiveSettingsContext,
     _NodeTasks,
 )
@@ -159,6 +163,40 @@ def test_node_tasks_record_their_upstream_node_and_a_task_run_each(prefect_serve
     assert runs[upstream_id].task_inputs.get("wait_for", []) == []
 
 
+def test_a_finished_node_reads_as_the_state_it_stands_for(prefect_server: str) -> None:
+    """Upstream nodes reach wait_for as _FinishedNode: a completed one gives its result, a failed
+    one its exception, and the readiness check stops a dependent of a failed node."""
+
+    ended: list[Any] = []  # returned states would decide the flow's own state
+
+    def answer() -> int:
+        return 42
+
+    def broken() -> None:
+        raise ValueError("model failed")
+
+    @flow
+    def ended_states() -> None:
+        ended.extend(
+            Task(fn=fn, cache_policy=NO_CACHE)(return_state=True) for fn in (answer, broken)
+        )
+
+    ended_states()
+    ok, failed = ended
+    finished_ok, finished_failed = _FinishedNode(ok), _FinishedNode(failed)
+
+    assert finished_ok.result() == 42
+    assert finished_ok.state.result(raise_on_failure=False, _sync=True) == 42
+    assert resolve_to_final_result(finished_ok, {}) == 42
+    assert finished_ok.task_run_id == ok.state_details.task_run_id
+
+    assert str(finished_failed.result(raise_on_failure=False)) == "model failed"
+    with pytest.raises(ValueError, match="model failed"):
+        finished_failed.state.result(_sync=True)
+    with pytest.raises(UpstreamTaskError, match=str(failed.state_details.task_run_id)):
+        resolve_to_final_result(finished_failed, {})
+
+
 def test_build_in_a_flow_returns_with_every_node_task_done(
     prefect_server: str, postload_home: PostloadHome
 ) -> None:
@@ -196,6 +234,7 @@ def test_build_in_a_flow_returns_with_every_node_task_done(
 _FLOW_THEN_EXIT = """
 import sys, threading
 from pathlib import Path
+import pytest
 from prefect import flow
 from postload.config import Selection, load_pipeline_config
 from postload.dbt._core import NODE_TASK_THREAD_PREFIX, CoreDbtRunner

@@ -1,0 +1,132 @@
+"""dbt node task runs recorded from a forked child process (postload/dbt/_node_process.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import TaskRun
+
+from postload.config import NodeTaskMode, Selection
+from postload.dbt import DbtBuildResult
+from postload.dbt._core import CoreDbtRunner
+from postload.dbt._node_process import NodeTaskProcess
+from tests.conftest import PostloadHome
+from tests.dbt.test_core import EVENTS, loaded_warehouse
+
+
+def task_runs_of(flow_run_id: UUID, expected: int) -> dict[str, TaskRun]:
+    """The flow run's task runs by name, once the server has recorded `expected` of them.
+
+    Task runs reach the server as events, recorded after the fact: allow it a lag.
+    """
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {t.name: t for t in client.read_task_runs(flow_run_filter=flow_runs)}
+            done = [r for r in runs.values() if r.state is not None and r.state.is_final()]
+            if len(done) >= expected or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
+
+
+def build_in_a_flow(
+    home: PostloadHome, selection: Selection, mode: NodeTaskMode
+) -> tuple[DbtBuildResult, UUID]:
+    warehouse = loaded_warehouse(home)
+
+    @flow
+    def transform() -> DbtBuildResult:
+        runner = CoreDbtRunner(
+            home.root / "dbt_project",
+            home.duckdb,
+            existing_relations=warehouse.relations,
+            node_task_mode=mode,
+        )
+        return runner.build(selection, cause="test")
+
+    state = transform(return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+@pytest.mark.parametrize("mode", [NodeTaskMode.PROCESS, NodeTaskMode.THREAD])
+def test_every_dbt_node_is_a_task_run_with_its_upstream_nodes(
+    prefect_server: str, postload_home: PostloadHome, mode: NodeTaskMode
+) -> None:
+    build, flow_run_id = build_in_a_flow(postload_home, EVENTS, mode)
+    assert build.status == "success"
+    expected = {f"{n.resource_type} {n.name}" for n in build.nodes}
+    runs = task_runs_of(flow_run_id, len(expected))
+    assert set(runs) == expected
+    assert {r.state_name for r in runs.values()} == {"Completed"}
+    # fct_daily_events reads stg_events: its task run waited for stg_events' task run
+    upstream = [i.id for i in runs["model fct_daily_events"].task_inputs["wait_for"]]
+    assert runs["model stg_events"].id in upstream
+
+
+def test_a_failing_model_is_a_failed_task_run_and_its_children_never_start(
+    prefect_server: str, postload_home: PostloadHome
+) -> None:
+    models = postload_home.root / "dbt_project" / "models"
+    (models / "marts" / "broken_mart.sql").write_text(
+        "select no_such_column from {{ ref('stg_events') }}\n"
+    )
+    (models / "marts" / "after_broken.sql").write_text("select * from {{ ref('broken_mart') }}\n")
+    build, flow_run_id = build_in_a_flow(
+        postload_home, Selection(select="stg_events+"), NodeTaskMode.PROCESS
+    )
+    statuses = {n.name: n.status for n in build.nodes}
+    assert statuses["broken_mart"] == "error"
+    assert statuses["after_broken"] == "skipped"
+    runs = task_runs_of(flow_run_id, len([s for s in statuses.values() if s != "skipped"]))
+    assert runs["model broken_mart"].state_name == "Failed"
+    assert runs["model stg_events"].state_name == "Completed"
+    assert not any(name.startswith("model after_broken") for name in runs)
+
+
+def test_the_build_goes_on_when_the_recording_process_dies(
+    prefect_server: str,
+    postload_home: PostloadHome,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = NodeTaskProcess.__init__
+
+    def killed_at_once(self: NodeTaskProcess, *args: Any) -> None:
+        started(self, *args)
+        os.kill(self.pid, signal.SIGKILL)
+
+    monkeypatch.setattr(NodeTaskProcess, "__init__", killed_at_once)
+    with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
+        build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
+    assert build.status == "success"
+    assert "stg_events" in [n.name for n in build.nodes]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ended with exit code -9" in m for m in messages), messages
+
+
+def test_a_refused_fork_records_the_nodes_in_threads_instead(
+    prefect_server: str,
+    postload_home: PostloadHome,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def no_more_processes() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_more_processes)
+    with caplog.at_level(logging.WARNING, logger="postload.dbt._core"):
+        build, flow_run_id = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
+    assert build.status == "success"
+    assert any("cannot fork" in r.getMessage() for r in caplog.records)
+    expected = {f"{n.resource_type} {n.name}" for n in build.nodes}
+    assert set(task_runs_of(flow_run_id, len(expected))) == expected

@@ -135,10 +135,12 @@ class CallTimer:
         from prefect_dbt.core.runner import PrefectDbtRunner
 
         from postload.dbt._core import CoreDbtRunner, _NodeTasks
+        from postload.dbt._node_process import NodeTaskProcess
 
         self._wrap(CoreDbtRunner, "missing_parents", "missing_parents")
         self._wrap(PrefectDbtRunner, "invoke", "prefect_invoke")
         self._wrap(_NodeTasks, "finish", "node_tasks_finish")
+        self._wrap(NodeTaskProcess, "finish", "node_tasks_finish")
         self._wrap(PrefectDbtRunner, "_call_task", "call_task")
         self._wrap(dbtRunner, "invoke", "dbt_invoke")
 
@@ -566,6 +568,11 @@ class Bench:
                 seconds, nodes = out["seconds"], out["nodes"]
                 self.last_flow_run = str(out["flow_run_id"])
             call = time.perf_counter() - call_started
+            # Untimed: the node task process sends its last events after the build returned;
+            # its CPU counts once it has been reaped.
+            for thread in threading.enumerate():
+                if thread.name.startswith("reap node task process"):
+                    thread.join()
             process_cpu = own_cpu_seconds() - cpu_started
         gc_started = time.perf_counter()
         gc.collect()

@@ -45,6 +45,7 @@ from prefect_dbt.core._tracker import NodeTaskTracker
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!I")
+_ALL_ENDED = b"e"
 
 
 def _receive(stream: BinaryIO) -> tuple[Any, ...] | None:
@@ -150,26 +151,38 @@ class NodeTaskProcess(NodeTaskTracker):
                 self._out.close()
             with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_WR)
-        # The child holds its end open until its last event and log line are sent, then exits.
+        # The child answers once every node's task run has ended, then sends its last events and
+        # log lines on its own: the flow goes on meanwhile (a thread reaps the child).
         self._socket.settimeout(timeout_s)
         try:
-            while self._socket.recv(4096):
-                pass
+            ended = self._socket.recv(1) == _ALL_ENDED
         except TimeoutError:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             return [f"node task process {self.pid} (killed)"]
         finally:
             self._socket.close()
-        _, status = os.waitpid(self.pid, 0)
-        if code := os.waitstatus_to_exitcode(status):
-            logger.warning(
-                "the process recording dbt node task runs (pid %d) ended with exit code %d; "
-                "its error is on stderr",
-                self.pid,
-                code,
-            )
+        if ended:
+            threading.Thread(
+                target=_reap,
+                args=(self.pid,),
+                name=f"reap node task process {self.pid}",
+                daemon=True,
+            ).start()
+        else:  # it died before answering: it is gone (or going), say how
+            _reap(self.pid)
         return []
+
+
+def _reap(pid: int) -> None:
+    _, status = os.waitpid(pid, 0)
+    if code := os.waitstatus_to_exitcode(status):
+        logger.warning(
+            "the process recording dbt node task runs (pid %d) ended with exit code %d; "
+            "its error is on stderr",
+            pid,
+            code,
+        )
 
 
 def _serve_node_tasks(connection: socket.socket) -> None:
@@ -184,6 +197,7 @@ def _serve_node_tasks(connection: socket.socket) -> None:
         # the parent's sockets too: the child's task runs get a client of their own.
         with SyncClientContext():
             _run_node_tasks(connection.makefile("rb"))
+        connection.sendall(_ALL_ENDED)
     except BaseException:
         traceback.print_exc()
         code = 1

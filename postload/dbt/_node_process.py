@@ -6,7 +6,7 @@ asset events, a result record and a log line. On a 200-model build that is ~3 s 
 dbt build, because the node tasks and dbt's own threads take turns on one GIL. A forked child has
 a GIL of its own: the dbt process only sends it two small messages per node (started, finished)
 and the child runs exactly the same task engine calls, in a copy of the flow run's context, on
-another core. Measured side by side (bench/README.md, session 8): 200-model build 1.49 -> 1.26
+another core. Measured side by side (bench/README.md, session 8): 200-model build 1.48 -> 1.20
 times bare dbt.
 
 Why fork and not Prefect's ``ProcessPoolTaskRunner``: its workers are spawned, so each imports
@@ -17,8 +17,10 @@ inherits the flow run's context as it is. Prefect resets its event-loop thread a
 ``prefect/_internal/concurrency``), which is what makes this safe: the child sends its events and
 logs over connections of its own.
 
-The dbt build never depends on the child. If it dies, node task runs stop being recorded (a
-warning says so) and dbt goes on; if it does not end in time after dbt is done, it is killed.
+The dbt invocation returns once the child says every node's task run has ended; the child then
+sends its last events and log lines on its own and a thread reaps it. The dbt build never depends
+on the child: if it dies, node task runs stop being recorded (a warning says so) and dbt goes on;
+if its task runs have not ended in time after dbt is done, it is killed.
 """
 
 from __future__ import annotations

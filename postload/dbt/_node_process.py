@@ -25,6 +25,7 @@ if its task runs have not ended in time after dbt is done, it is killed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import logging
@@ -35,6 +36,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from typing import Any, BinaryIO
 from uuid import UUID
@@ -165,15 +167,35 @@ class NodeTaskProcess(NodeTaskTracker):
         finally:
             self._socket.close()
         if ended:
-            threading.Thread(
+            reaper = threading.Thread(
                 target=_reap,
                 args=(self.pid,),
                 name=f"reap node task process {self.pid}",
                 daemon=True,
-            ).start()
+            )
+            with _reapers_lock:
+                if not _reapers:
+                    atexit.register(_wait_for_last_events)
+                _reapers[:] = [r for r in _reapers if r.is_alive()] + [reaper]
+            reaper.start()
         else:  # it died before answering: it is gone (or going), say how
             _reap(self.pid)
         return []
+
+
+# A flow run's process may exit right after its flow (and a container with it, killing every
+# process in it): it must not take a child's last task-run events with it.
+_reapers: list[threading.Thread] = []
+_reapers_lock = threading.Lock()
+LAST_EVENTS_TIMEOUT_S = 90.0
+
+
+def _wait_for_last_events() -> None:
+    deadline = time.monotonic() + LAST_EVENTS_TIMEOUT_S
+    with _reapers_lock:
+        reapers = list(_reapers)
+    for reaper in reapers:
+        reaper.join(max(0.0, deadline - time.monotonic()))
 
 
 def _reap(pid: int) -> None:

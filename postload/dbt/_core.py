@@ -286,7 +286,7 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
     def _new_node_tasks(self) -> _NodeTasks | NodeTaskProcess:
         if self.node_task_mode is NodeTaskMode.PROCESS:
             try:
-                return NodeTaskProcess(NODE_TASKS_TIMEOUT_S)
+                return NodeTaskProcess()
             except OSError as exc:  # fork refused (process or memory limit): threads still work
                 logger.warning(
                     "cannot fork the process that records dbt node task runs (%s): "

@@ -68,10 +68,9 @@ class NodeTaskProcess(NodeTaskTracker):
     is done.
     """
 
-    def __init__(self, node_task_end_timeout_s: float) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.run_context = contextvars.copy_context()
-        self.timeout_s = node_task_end_timeout_s
         self._lock = threading.Lock()
         self._lost: str | None = None
         ours, theirs = socket.socketpair()

@@ -42,7 +42,6 @@ from typing import Any, BinaryIO
 from uuid import UUID
 
 from prefect.context import SyncClientContext
-from prefect.task_engine import run_task_sync
 from prefect.tasks import Task
 from prefect_dbt.core._tracker import NodeTaskTracker
 
@@ -137,17 +136,10 @@ class NodeTaskProcess(NodeTaskTracker):
     def finish(self, timeout_s: float) -> list[str]:
         """End the child once every node's end is handed over; what is still running after timeout_s.
 
-        Called once dbt returned and prefect-dbt drained its callback queue. A node dbt started
-        but never finished (prefect-dbt issue https://github.com/PrefectHQ/prefect/issues/20199)
-        is ended as skipped, or its task would wait forever.
+        Called once dbt returned and prefect-dbt drained its callback queue. Closing the
+        connection tells the child no more nodes come; it ends the ones dbt started but never
+        finished itself (``_NodeTasks.finish``).
         """
-        for node_id in list(self._node_events):
-            if not self.is_node_complete(node_id):
-                self.set_node_status(
-                    node_id,
-                    {"node_info": {"node_status": "skipped"}},
-                    "dbt reported this node starting but not finishing",
-                )
         with self._lock:
             # The child is gone already if these fail: waitpid below says how it ended.
             with contextlib.suppress(OSError):
@@ -238,53 +230,26 @@ def _serve_node_tasks(connection: socket.socket) -> None:
 
 
 def _run_node_tasks(messages: BinaryIO) -> None:
-    tracker = NodeTaskTracker()
-    threads: list[threading.Thread] = []
+    """Each node's task as the dbt process reports it: the same tracker thread mode uses."""
+    from postload.dbt._core import NODE_TASKS_TIMEOUT_S, _NodeTasks
 
-    def run(
-        node_id: str,
-        task: Task[Any, Any],
-        task_run_id: UUID,
-        upstream_ids: list[str],
-        asset_id: str | None,
-    ) -> None:
-        from postload.dbt._core import _FinishedNode
-
-        upstream = [
-            _FinishedNode(state)
-            for upstream_id in upstream_ids
-            if (state := tracker.get_task_result(upstream_id))
-        ]
-        state = run_task_sync(
-            task,
-            task_run_id=task_run_id,
-            parameters={"task_state": tracker, "node_id": node_id, "asset_id": asset_id},
-            wait_for=upstream,
-            return_type="state",
-        )
-        tracker.set_task_result(node_id, state or None)
-
+    tracker = _NodeTasks(contextvars.copy_context())
     while (message := _receive(messages)) is not None:
         kind, node_id, *rest = message
         if kind == "start":
             task, task_run_id, upstream_ids, asset_id = rest
             tracker.start_task(node_id, task)
+            tracker.set_node_dependencies(node_id, upstream_ids)
             tracker.set_task_run_id(node_id, task_run_id)
-            thread = threading.Thread(
-                target=contextvars.copy_context().run,
-                args=(run, node_id, task, task_run_id, upstream_ids, asset_id),
-                name=f"prefect-dbt-node {node_id}",
+            tracker.run_task_in_thread(
+                node_id,
+                task,
+                task_run_id=task_run_id,
+                parameters={"task_state": tracker, "node_id": node_id, "asset_id": asset_id},
+                context={},
             )
-            threads.append(thread)
-            thread.start()
         elif kind == "finish":
             event_data, event_message = rest
             tracker.set_node_status(node_id, event_data, event_message)
-    # Nodes that never got their end (the dbt process died) must not wait forever.
-    for node_id in list(tracker._node_events):
-        if not tracker.is_node_complete(node_id):
-            tracker.set_node_status(
-                node_id, {"node_info": {"node_status": "skipped"}}, "the dbt process ended"
-            )
-    for thread in threads:
-        thread.join()
+    # The dbt process is done (or gone): nodes that never got their end must not wait forever.
+    tracker.finish(NODE_TASKS_TIMEOUT_S)

@@ -272,28 +272,74 @@ def _unused_client(api_url: str | None) -> PrefectClient:
     return get_client()
 
 
+class _NodeEvents:
+    """prefect-dbt's own handling of dbt's events, its node task runs in threads of this process.
+
+    Thread mode runs it in the dbt process; process mode runs it in the forked child
+    (``NodeTaskProcess``), which the dbt process forwards the events to.
+
+    ``in_order``: handle each event before taking the next, in the calling thread. In the dbt
+    process prefect-dbt queues them for a thread of its own, which takes every queued NodeStart
+    before any NodeFinished. That is harmless while events come one at a time as dbt fires them,
+    but the child receives them in bursts: a failed model's NodeFinished and its skipped child's
+    NodeStart (dbt fires one for a node it skips) would be taken in the wrong order, and the
+    skipped child would get a task run.
+    """
+
+    def __init__(
+        self,
+        runner: _NodeTaskDbtRunner,
+        log_level: EventLevel,
+        context: dict[str, Any],
+        add_test_edges: bool,
+        in_order: bool,
+    ) -> None:
+        self._runner = runner
+        self._tracker = _NodeTasks(contextvars.copy_context())
+        # Read by the callback thread prefect-dbt starts right here.
+        runner._callback_context = self._tracker.run_context
+        # prefect-dbt's own callback (not the runner's override, which builds this handler).
+        self._callback = PrefectDbtRunner._create_unified_callback(
+            runner,
+            self._tracker,
+            log_level,
+            context,
+            add_test_edges=add_test_edges,
+            create_tasks_for_nodes=True,
+        )
+        if in_order:
+            # Without its queue prefect-dbt handles each event in the thread dbt's callback is
+            # called in (_queue_callback's fallback).
+            runner._stop_callback_processor()
+
+    def __call__(self, event: EventMsg) -> None:
+        self._callback(event)
+
+    def finish(self, timeout_s: float) -> list[str]:
+        runner = self._runner
+        # In the child: what prefect-dbt's invoke() does in the dbt process once dbt returned.
+        if runner._event_queue is not None:
+            runner._event_queue.join()
+            runner._stop_callback_processor()
+        still_running = self._tracker.finish(timeout_s)
+        # dbt's Manifest holds a multiprocessing lock, a named semaphore the resource tracker
+        # watches until the lock is freed; the child leaves by os._exit, which skips that.
+        runner._manifest = None
+        return still_running
+
+
 class _NodeTaskDbtRunner(PrefectDbtRunner):
     """``PrefectDbtRunner`` whose node tasks are cheap to start and done when ``invoke()`` returns.
 
     Each dbt node still becomes a Prefect task with its asset lineage, from the same run context;
-    only what (de)serializing that context costs and when the task threads are waited for differ
-    (see ``_LiveSettingsContext`` and ``_NodeTasks``).
+    only where prefect-dbt's callback and the task runs happen, what (de)serializing that context
+    costs and when the task threads are waited for differ (see ``NodeTaskProcess``,
+    ``_LiveSettingsContext`` and ``_NodeTasks``).
     """
 
-    _node_tasks: _NodeTasks | NodeTaskProcess | None = None
+    _node_tasks: _NodeEvents | NodeTaskProcess | None = None
+    _callback_context: contextvars.Context | None = None
     node_task_mode: NodeTaskMode = NodeTaskMode.THREAD
-
-    def _new_node_tasks(self) -> _NodeTasks | NodeTaskProcess:
-        if self.node_task_mode is NodeTaskMode.PROCESS:
-            try:
-                return NodeTaskProcess()
-            except OSError as exc:  # fork refused (process or memory limit): threads still work
-                logger.warning(
-                    "cannot fork the process that records dbt node task runs (%s): "
-                    "recording them in threads of this process instead",
-                    exc,
-                )
-        return _NodeTasks(contextvars.copy_context())
 
     def _create_unified_callback(
         self,
@@ -303,31 +349,30 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
         add_test_edges: bool = False,
         create_tasks_for_nodes: bool = True,
     ) -> Callable[[EventMsg], None]:
-        # Called by invoke() in the flow (or task) run's thread, before it starts the callback
-        # thread; its tracker exists only to be handed over here, ours replaces it.
-        self._node_tasks = self._new_node_tasks() if create_tasks_for_nodes else None
-        if self._node_tasks is None:
+        # Called by invoke() in the flow (or task) run's thread, before dbt starts; its tracker
+        # exists only to be handed over here, ours replaces it.
+        if not create_tasks_for_nodes:
+            self._node_tasks = None
             return super()._create_unified_callback(
                 task_state,
                 log_level,
                 context,
                 add_test_edges=add_test_edges,
-                create_tasks_for_nodes=create_tasks_for_nodes,
+                create_tasks_for_nodes=False,
             )
-        return super()._create_unified_callback(
-            self._node_tasks,
-            log_level,
-            context,
-            add_test_edges=add_test_edges,
-            create_tasks_for_nodes=create_tasks_for_nodes,
-        )
+        handle_here = functools.partial(_NodeEvents, self, log_level, context, add_test_edges)
+        if self.node_task_mode is NodeTaskMode.PROCESS:
+            self._node_tasks = NodeTaskProcess(handle_here, log_level)
+        else:
+            self._node_tasks = handle_here(False)
+        return self._node_tasks
 
     def _callback_worker(self) -> None:
         # The callback thread hydrates the run context for every dbt log line without a node:
         # in the run's context variables that reuses the flow run's API client (see _NodeTasks).
-        if (node_tasks := self._node_tasks) is None:
+        if (run_context := self._callback_context) is None:
             return super()._callback_worker()
-        return node_tasks.run_context.copy().run(super()._callback_worker)
+        return run_context.copy().run(super()._callback_worker)
 
     def invoke(self, args: list[str], **kwargs: Any) -> Any:
         try:
@@ -336,6 +381,7 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
             with _LiveSettingsContext(profile=live.profile, settings=live.settings):
                 return super().invoke(args, **kwargs)
         finally:
+            self._callback_context = None
             if (node_tasks := self._node_tasks) is not None:
                 self._node_tasks = None
                 if still_running := node_tasks.finish(NODE_TASKS_TIMEOUT_S):

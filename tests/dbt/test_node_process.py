@@ -10,9 +10,15 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from dbt.task.runnable import GraphRunnableTask
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import TaskRun
 
 from postload.config import NodeTaskMode, Selection
@@ -99,13 +105,14 @@ def test_the_build_goes_on_when_the_recording_process_dies(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    started = NodeTaskProcess.__init__
+    start = NodeTaskProcess.start
 
-    def killed_at_once(self: NodeTaskProcess, *args: Any) -> None:
-        started(self, *args)
+    def killed_at_once(self: NodeTaskProcess) -> None:
+        start(self)
+        assert self.pid is not None
         os.kill(self.pid, signal.SIGKILL)
 
-    monkeypatch.setattr(NodeTaskProcess, "__init__", killed_at_once)
+    monkeypatch.setattr(NodeTaskProcess, "start", killed_at_once)
     with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
         build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
     assert build.status == "success"
@@ -124,9 +131,74 @@ def test_a_refused_fork_records_the_nodes_in_threads_instead(
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(os, "fork", no_more_processes)
-    with caplog.at_level(logging.WARNING, logger="postload.dbt._core"):
+    with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
         build, flow_run_id = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
     assert build.status == "success"
     assert any("cannot fork" in r.getMessage() for r in caplog.records)
     expected = {f"{n.resource_type} {n.name}" for n in build.nodes}
     assert set(task_runs_of(flow_run_id, len(expected))) == expected
+
+
+def test_the_child_is_forked_once_dbt_runs_nodes_and_gets_what_dbt_said_before(
+    prefect_server: str,
+    postload_home: PostloadHome,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forked after dbt's parse (which would otherwise pay the copy-on-write), with the warning
+    dbt gave while parsing still reaching the flow run's logs, and every node still recorded."""
+    project_file = postload_home.root / "dbt_project" / "dbt_project.yml"
+    project_file.write_text(
+        project_file.read_text() + "    no_such_folder:\n      +materialized: view\n"
+    )
+    running_nodes: list[bool] = []
+    forks_while: list[bool] = []
+    execute_with_hooks = GraphRunnableTask.execute_with_hooks
+    real_fork = os.fork
+
+    def running(self: GraphRunnableTask, *args: Any, **kwargs: Any) -> Any:
+        running_nodes.append(True)
+        return execute_with_hooks(self, *args, **kwargs)
+
+    def fork() -> int:
+        forks_while.append(bool(running_nodes))
+        return real_fork()
+
+    monkeypatch.setattr(GraphRunnableTask, "execute_with_hooks", running)
+    monkeypatch.setattr(os, "fork", fork)
+    build, flow_run_id = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
+    assert build.status == "success"
+    assert forks_while == [True]
+    expected = {f"{n.resource_type} {n.name}" for n in build.nodes}
+    assert set(task_runs_of(flow_run_id, len(expected))) == expected
+    assert any("no_such_folder" in m for m in flow_run_logs(flow_run_id, "no_such_folder"))
+
+
+def test_a_selection_that_matches_nothing_forks_no_process(
+    prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    build, _ = build_in_a_flow(
+        postload_home, Selection(select="no_such_model"), NodeTaskMode.PROCESS
+    )
+    assert build.nodes == []
+    assert build.message == "the selection matched no dbt nodes"
+    assert forks == []
+
+
+def flow_run_logs(flow_run_id: UUID, waiting_for: str) -> list[str]:
+    """The flow run's log messages, once one holds `waiting_for` (logs are shipped in batches)."""
+    logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            messages = [log.message for log in client.read_logs(log_filter=logs)]
+            if any(waiting_for in m for m in messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.5)

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import click
 from dbt.artifacts.schemas.results import RunStatus, TestStatus
 from dbt.cli.main import dbtRunner
+from dbt.contracts.graph.manifest import Manifest
 from dbt.contracts.results import RunExecutionResult
 from dbt_common.events.base_types import EventLevel, EventMsg
 from prefect import get_client
@@ -43,7 +45,7 @@ from prefect_dbt.core._tracker import NodeTaskTracker
 
 from postload.config import NodeTaskMode, Selection
 from postload.dbt import DbtBuildResult, NodeResult
-from postload.dbt._node_process import NodeTaskProcess
+from postload.dbt._node_process import RUN_BEGINS, NodeTaskProcess
 
 # The checked-in profiles.yml reads the warehouse path from this variable — the same one Settings
 # reads — so users can run plain `dbt` against the same file by exporting it.
@@ -322,8 +324,9 @@ class _NodeEvents:
             runner._event_queue.join()
             runner._stop_callback_processor()
         still_running = self._tracker.finish(timeout_s)
-        # dbt's Manifest holds a multiprocessing lock, a named semaphore the resource tracker
-        # watches until the lock is freed; the child leaves by os._exit, which skips that.
+        # A Manifest prefect-dbt loaded itself holds a multiprocessing lock, a named semaphore
+        # the resource tracker watches until the lock is freed; the child leaves by os._exit,
+        # which skips that.
         runner._manifest = None
         return still_running
 
@@ -365,7 +368,33 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
             self._node_tasks = NodeTaskProcess(handle_here, log_level)
         else:
             self._node_tasks = handle_here(False)
-        return self._node_tasks
+        handle = self._node_tasks
+
+        def callback(event: EventMsg) -> None:
+            if event.info.name == RUN_BEGINS:
+                self._adopt_dbt_manifest()
+            handle(event)
+
+        return callback
+
+    def _adopt_dbt_manifest(self) -> None:
+        """Give prefect-dbt the manifest dbt is running, instead of it reading manifest.json.
+
+        prefect-dbt loads manifest.json at the first node (``_set_manifest_from_project_dir``):
+        a full ``Manifest.from_dict``, macros included, whose deserializers mashumaro compiles on
+        first use in each process: ~60 ms of CPU in each node task process, ~10 ms afterwards.
+        dbt has the same manifest in memory by the time it begins running nodes, in the click
+        context of the command running in this thread (``requires.manifest`` puts it there, and
+        ``dbtRunner(manifest=...)`` reads it from there). Called then, before the node task
+        process is forked, so the child has it too. Without one (``dbt retry`` loads its own),
+        prefect-dbt reads the file as before.
+        """
+        ctx = click.get_current_context(silent=True)
+        manifest = (
+            ctx.obj.get("manifest") if ctx is not None and isinstance(ctx.obj, dict) else None
+        )
+        if isinstance(manifest, Manifest):
+            self._manifest = manifest
 
     def _callback_worker(self) -> None:
         # The callback thread hydrates the run context for every dbt log line without a node:

@@ -52,7 +52,7 @@ _LENGTH = struct.Struct("!I")
 _ALL_ENDED = b"e"
 # The dbt event that says dbt has parsed the project and selected the nodes, and is about to run
 # them (see NodeTaskProcess.__call__).
-_RUN_BEGINS = "ConcurrencyLine"
+RUN_BEGINS = "ConcurrencyLine"
 _NODE_EVENTS = frozenset({"NodeStart", "NodeFinished"})
 # prefect-dbt's order of dbt event levels: it logs the events at or above its log level.
 _LEVEL_ORDER = (
@@ -120,7 +120,7 @@ class NodeTaskProcess:
         node yet, and the fork is in the invoking thread, as before.
         """
         name = event.info.name
-        if name == _RUN_BEGINS:
+        if name == RUN_BEGINS:
             self.start()
         if name in _NODE_EVENTS or event.info.level in self._levels:
             self._forward(event)

@@ -20,6 +20,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import TaskRun
+from prefect_dbt import PrefectDbtRunner
 
 from postload.config import NodeTaskMode, Selection
 from postload.dbt import DbtBuildResult
@@ -202,3 +203,22 @@ def flow_run_logs(flow_run_id: UUID, waiting_for: str) -> list[str]:
             if any(waiting_for in m for m in messages) or time.monotonic() > deadline:
                 return messages
             time.sleep(0.5)
+
+
+def test_prefect_dbt_uses_the_manifest_dbt_is_running_instead_of_reading_it_again(
+    prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In thread mode, where the test can watch it: prefect-dbt never loads manifest.json."""
+    loads: list[int] = []
+    load = PrefectDbtRunner._set_manifest_from_project_dir
+
+    def counted(self: PrefectDbtRunner) -> None:
+        loads.append(1)
+        load(self)
+
+    monkeypatch.setattr(PrefectDbtRunner, "_set_manifest_from_project_dir", counted)
+    build, flow_run_id = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.THREAD)
+    assert build.status == "success"
+    expected = {f"{n.resource_type} {n.name}" for n in build.nodes}
+    assert set(task_runs_of(flow_run_id, len(expected))) == expected
+    assert loads == []

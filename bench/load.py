@@ -41,14 +41,13 @@ from postload.config import PipelineConfig, load_pipeline_config
 from postload.demo_data import write_bulk_file
 from postload.warehouse._duckdb import (
     _CHECKPOINT_ROWS,
-    _FIRST_LINES_CHECKED,
     _RECORDS,
-    _STATS,
     DuckDBWarehouse,
     _fingerprint,
     _glob_literal,
     _setting,
     describe_json_error,
+    file_statistics,
     utcnow,
 )
 from postload.warehouse._sql import LOAD_LOG_COLUMNS, insert_sql
@@ -178,8 +177,8 @@ def profile_steps(pipeline: PipelineConfig, stage_root: Path, db: Path) -> dict[
         con = duckdb.connect(str(db))
         con.execute("set threads = 1")
     for path in warehouse.staged_files(source):
-        with step("md5 + line count (Python; own thread in load())"):
-            md5, lines = _fingerprint(path)
+        with step("md5, line count, blank-line scan (Python; own thread in load())"):
+            md5, lines, blank_free = _fingerprint(path)
         con.execute("begin transaction")
         with step("insert: read_text, split, trim, try_cast, append"):
             (loaded,) = con.execute(
@@ -187,14 +186,9 @@ def profile_steps(pipeline: PipelineConfig, stage_root: Path, db: Path) -> dict[
                 {"path": _glob_literal(path), "file": path.name, "loaded_at": utcnow()},
             ).fetchone()
         with step("statistics + first error (files with a blank or bad line)"):
-            parsed, bad = loaded, None
-            if loaded != lines:
-                params = {"path": _glob_literal(path), "upto": _FIRST_LINES_CHECKED}
-                parsed, bad = con.execute(_STATS, params).fetchone()
-                if bad is None and parsed != loaded:
-                    parsed, bad = con.execute(_STATS, {**params, "upto": None}).fetchone()
-                if bad is not None:
-                    describe_json_error(bad[1])
+            parsed, bad = file_statistics(con, path, loaded, lines, blank_free)
+            if bad is not None:
+                describe_json_error(bad[1])
         with step("load_log row"):
             row = [SOURCE, table, path.name, md5, "LOADED", parsed, loaded, parsed - loaded]
             con.execute(log_sql, [*row, None, None, utcnow(), None])

@@ -60,12 +60,14 @@ select record, $file, $loaded_at
 from (select try_cast({_LINE} as json) as record from (select unnest(parts) as raw from {_PARTS}))
 where starts_with(record, '{{')
 """
-# Only for a file where not every line loaded: its non-blank lines (blank ones are skipped, as
-# Snowflake does) and, among lines 1 to $upto (all if null), the first that is not a JSON object.
-# Counting needs no parsing, so only those lines are parsed (in a case: DuckDB evaluates an
-# aggregate's filter clause on every row). A malformed file usually shows a bad line early; only
-# one whose first bad line comes later is parsed whole, in a second query.
-_STATS = f"""
+
+
+def _stats_sql(parts: str) -> str:
+    """Only for a file where not every line loaded: its non-blank lines (blank ones are skipped,
+    as Snowflake does) and, among lines 1 to $upto (all if null), the first that is not a JSON
+    object. Counting needs no parsing, so only those lines are parsed (in a case: DuckDB
+    evaluates an aggregate's filter clause on every row)."""
+    return f"""
 select count(*), min(
     case when ($upto is null or line_no <= $upto)
         and not (starts_with(line, '{{') and try_cast(line as json) is not null)
@@ -73,10 +75,21 @@ select count(*), min(
 )
 from (
     select line_no, {_LINE} as line
-    from (select generate_subscripts(parts, 1) as line_no, unnest(parts) as raw from {_PARTS})
+    from (select generate_subscripts(parts, 1) as line_no, unnest(parts) as raw from {parts})
 )
 where line <> ''
 """
+
+
+# A file is read again for this only when its first bad line is not in its first 64 KiB, or it
+# may have blank lines, which only a full read counts (file_statistics).
+_STATS = _stats_sql(_PARTS)
+# The same over the first whole lines of a file, handed over as text.
+_HEAD_STATS = _stats_sql("(select string_split($text, chr(10)) as parts)")
+_HEAD_BYTES = 64 << 10
+# A newline followed by one of these may start a blank line (one trim() leaves empty).
+_MAY_START_A_BLANK_LINE = re.compile(rb"\n[\n\r \t]")
+_BLANK_LINE_STARTS = (b"\n", b"\r", b" ", b"\t")
 _FIRST_LINES_CHECKED = 10_000
 _CHECKPOINT_ROWS = 122_880 // 2  # half of a DuckDB row group: see _load_file
 
@@ -196,16 +209,12 @@ class DuckDBWarehouse:
                 f"insert into {table} (record, _file, _loaded_at) {_RECORDS}",
                 {"path": _glob_literal(path), "file": name, "loaded_at": loaded_at},
             ).fetchone()
-            md5, lines = fingerprint.result()
-            parsed, first_bad, first_error = loaded, None, None
-            if loaded != lines:  # a blank or a bad line: read the file again for the statistics
-                params = {"path": _glob_literal(path), "upto": _FIRST_LINES_CHECKED}
-                parsed, bad = con.execute(_STATS, params).fetchone()
-                if bad is None and parsed != loaded:
-                    parsed, bad = con.execute(_STATS, {**params, "upto": None}).fetchone()
-                if bad is not None:
-                    first_bad, bad_line = bad
-                    first_error = describe_json_error(bad_line)
+            md5, lines, blank_free = fingerprint.result()
+            parsed, bad = file_statistics(con, path, loaded, lines, blank_free)
+            first_bad, first_error = None, None
+            if bad is not None:
+                first_bad, bad_line = bad
+                first_error = describe_json_error(bad_line)
             errors = parsed - loaded
             status = (
                 LoadStatus.LOADED
@@ -325,17 +334,66 @@ class _Fingerprint(NamedTuple):
     # As string_split cuts the file, without the empty piece after a final newline: when every
     # one of them loaded, the file had no blank or bad line.
     lines: int
+    # No line can be blank (no line starts with a newline, CR, space or tab): then the lines
+    # that did not load are all bad ones, and there is no need to count the blank ones.
+    blank_free: bool
 
 
 def _fingerprint(path: Path) -> _Fingerprint:
     digest = hashlib.md5(usedforsecurity=False)
-    newlines, last = 0, b"\n"
+    newlines, last, blank_free = 0, b"\n", True  # the file's start is a line start
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
             newlines += chunk.count(b"\n")
+            if blank_free and (
+                (last == b"\n" and chunk[:1] in _BLANK_LINE_STARTS)
+                or _MAY_START_A_BLANK_LINE.search(chunk)
+            ):
+                blank_free = False
             last = chunk[-1:]
-    return _Fingerprint(digest.hexdigest(), newlines + (last != b"\n"))
+    return _Fingerprint(digest.hexdigest(), newlines + (last != b"\n"), blank_free)
+
+
+def file_statistics(
+    con: duckdb.DuckDBPyConnection, path: Path, loaded: int, lines: int, blank_free: bool
+) -> tuple[int, tuple[int, str] | None]:
+    """The file's non-blank lines and its first bad one (line number, text), given what loaded.
+
+    Reads the file again only when a blank or bad line is there, and then as little as it can.
+    """
+    if loaded == lines:  # every line loaded: none was blank or bad
+        return loaded, None
+    if blank_free and (bad := _first_bad_line_in_head(con, path)) is not None:
+        # Every line is non-blank, so the count is known, and a bad line is there: usually
+        # early on, found without reading the whole file again.
+        return lines, bad
+    params = {"path": _glob_literal(path), "upto": _FIRST_LINES_CHECKED}
+    parsed, bad = con.execute(_STATS, params).fetchone()
+    if bad is None and parsed != loaded:
+        parsed, bad = con.execute(_STATS, {**params, "upto": None}).fetchone()
+    return parsed, bad
+
+
+def _first_bad_line_in_head(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[int, str] | None:
+    """The first line that is not a JSON object among the file's whole lines in its first 64 KiB.
+
+    A malformed file usually shows a bad line early: parsing its first few hundred lines again
+    costs a fraction of reading the whole file again (bench/README.md, session 9). None when
+    there is none there.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(_HEAD_BYTES + 1)
+    if len(head) > _HEAD_BYTES:  # whole lines only: cut after the head's last newline
+        head = head[: head.rfind(b"\n", 0, _HEAD_BYTES) + 1]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:  # read_text's own error, if any, comes from the full read
+        return None
+    if not text:
+        return None
+    _, bad = con.execute(_HEAD_STATS, {"text": text, "upto": None}).fetchone()
+    return bad  # type: ignore[no-any-return]
 
 
 @contextmanager

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 import threading
 from pathlib import Path
 
 import duckdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postload.config import PipelineConfig
-from postload.warehouse import LoadStatus, StageNotFoundError, WarehouseUnavailableError
+from postload.warehouse import LoadStatus, StageNotFoundError, WarehouseUnavailableError, _duckdb
 from postload.warehouse._duckdb import _CHECKPOINT_ROWS, DuckDBWarehouse, describe_json_error
 
 CONFIG = PipelineConfig.model_validate(
@@ -90,6 +94,65 @@ def test_first_error_line_is_exact_far_into_a_file(warehouse: DuckDBWarehouse) -
     assert (late.first_error_line, late.rows_parsed, late.errors_seen) == (12_001, 12_003, 2)
     assert late.status is LoadStatus.PARTIALLY_LOADED
     assert query(warehouse, "select count(*) from raw.events") == [(24_002,)]
+
+
+def test_a_bad_line_past_the_first_lines_read_again_is_found_in_the_whole_file(
+    warehouse: DuckDBWarehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file with no blank line is checked for its first bad line in its first whole lines (its
+    first 64 KiB), then as a whole; a line cut by that boundary is never judged on its own."""
+    monkeypatch.setattr(_duckdb, "_HEAD_BYTES", 64)
+    good = "".join(f'{{"id": {i}}}\n' for i in range(20))  # 10-11 bytes a line
+    stage(warehouse, "late.jsonl", good + "oops\n" + '{"id": "x"}\r\n' + "[1]")
+    stage(warehouse, "early.jsonl", '{"id": 0}\n[]\n' + good)
+    stage(warehouse, "long.jsonl", '{"id": "' + "x" * 100 + '"}\n{"id": 2, \n')
+    early, late, long = warehouse.load(EVENTS, None)
+    assert (early.first_error_line, early.rows_parsed, early.errors_seen) == (2, 22, 1)
+    assert (late.first_error_line, late.rows_parsed, late.errors_seen) == (21, 23, 2)
+    assert (long.first_error_line, long.rows_parsed, long.errors_seen) == (2, 2, 1)
+
+
+_GOOD_LINES = st.dictionaries(st.sampled_from("abc"), st.integers(0, 9), max_size=2).map(json.dumps)
+_BAD_LINES = st.sampled_from(["oops", "[1, 2]", '"text"', "{", '{"a": }', "42", "null", "{}}"])
+_BLANK_LINES = st.sampled_from(["", " ", "\t", "\r", " \r", "\t \t"])
+_PADDING = st.sampled_from(["", " ", "\t", "\r"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(
+        st.tuples(st.one_of(_GOOD_LINES, _BAD_LINES, _BLANK_LINES), _PADDING, _PADDING),
+        max_size=12,
+    ),
+    final_newline=st.booleans(),
+    head_bytes=st.sampled_from([1, 16, 48, 1 << 20]),
+)
+def test_counts_and_first_error_match_a_line_by_line_reading(
+    lines: list[tuple[str, str, str]], final_newline: bool, head_bytes: int
+) -> None:
+    """Whichever way the loader finds them (the first whole lines, or the whole file again)."""
+    pieces = [before + line + after for line, before, after in lines]
+    text = "\n".join(pieces) + ("\n" if final_newline and pieces else "")
+    kept = [p.strip(" \t\r") for p in pieces]
+    parsed = [(n, p) for n, p in enumerate(kept, start=1) if p]
+    bad = [n for n, p in parsed if not isinstance(_json_or_none(p), dict)]
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_duckdb, "_HEAD_BYTES", head_bytes)
+        (Path(tmp) / "stage" / "events").mkdir(parents=True)
+        wh = DuckDBWarehouse(Path(tmp) / "w.duckdb", Path(tmp) / "stage", CONFIG)
+        wh.ensure_schema()
+        stage(wh, "f.jsonl", text)
+        (result,) = wh.load(EVENTS, None)
+    assert (result.rows_parsed, result.errors_seen) == (len(parsed), len(bad))
+    assert result.rows_loaded == len(parsed) - len(bad)
+    assert result.first_error_line == (bad[0] if bad else None)
+
+
+def _json_or_none(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def test_file_names_are_not_glob_patterns(warehouse: DuckDBWarehouse) -> None:

@@ -377,7 +377,11 @@ def runner_build(
         duckdb_path, stage_root, load_pipeline_config(ROOT / "postload.yaml")
     )
     runner = CoreDbtRunner(
-        project, duckdb_path, target_path=target, existing_relations=warehouse.relations
+        project,
+        duckdb_path,
+        target_path=target,
+        existing_relations=warehouse.relations,
+        warehouse_is_duckdb=True,
     )
     started = time.perf_counter()
     build = runner.build(Selection(select=SELECT), cause="bench")

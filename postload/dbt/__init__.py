@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from postload.config import DbtRunnerKind, Selection, Settings
+from postload.config import DbtRunnerKind, Selection, Settings, WarehouseKind
 from postload.warehouse import NodeResult
 
 __all__ = ["DbtBuildError", "DbtBuildResult", "DbtRunner", "NodeResult", "open_dbt_runner"]
@@ -95,4 +95,5 @@ def open_dbt_runner(
         node_retries=settings.dbt_node_retries,
         node_retry_delay_seconds=settings.retry_backoff_seconds,
         node_task_mode=settings.dbt_node_tasks,
+        warehouse_is_duckdb=settings.warehouse is WarehouseKind.DUCKDB,
     )

@@ -21,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 import click
+import duckdb
 from dbt.artifacts.schemas.results import RunStatus, TestStatus
 from dbt.cli.main import dbtRunner
 from dbt.contracts.graph.manifest import Manifest
@@ -29,7 +30,7 @@ from dbt_common.events.base_types import EventLevel, EventMsg
 from prefect import get_client
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import State
-from prefect.context import SettingsContext
+from prefect.context import FlowRunContext, SettingsContext, TaskRunContext
 from prefect.futures import PrefectFuture, PrefectTaskRunFuture
 from prefect.results import ResultRecord
 from prefect.settings import get_current_settings
@@ -343,6 +344,9 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
     _node_tasks: _NodeEvents | NodeTaskProcess | None = None
     _callback_context: contextvars.Context | None = None
     node_task_mode: NodeTaskMode = NodeTaskMode.THREAD
+    # Called in the thread invoking dbt once dbt has read its project and profile, before it
+    # connects to the warehouse or runs a node (ConcurrencyLine).
+    on_run_begins: Callable[[], None] | None = None
 
     def _create_unified_callback(
         self,
@@ -373,6 +377,8 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
         def callback(event: EventMsg) -> None:
             if event.info.name == RUN_BEGINS:
                 self._adopt_dbt_manifest()
+                if self.on_run_begins is not None:
+                    self.on_run_begins()
             handle(event)
 
         return callback
@@ -439,9 +445,12 @@ class CoreDbtRunner:
         node_retries: int = 0,
         node_retry_delay_seconds: float = 0.0,
         node_task_mode: NodeTaskMode | None = None,
+        warehouse_is_duckdb: bool = False,
     ) -> None:
         self.project_dir = project_dir
         self.duckdb_path = duckdb_path
+        self.warehouse_is_duckdb = warehouse_is_duckdb
+        self._kept_open: duckdb.DuckDBPyConnection | None = None
         self.target_path = target_path or project_dir / "target"
         self.existing_relations = existing_relations
         self.node_retries = node_retries
@@ -461,7 +470,48 @@ class CoreDbtRunner:
             client=_unused_client(get_current_settings().api.url),
         )
         runner.node_task_mode = self.node_task_mode
+        runner.on_run_begins = self._let_go_of_duckdb_unless_dbt_shares_it
         return runner
+
+    @contextmanager
+    def _one_duckdb_instance(self) -> Iterator[None]:
+        """One DuckDB instance for the build's catalog check and dbt's run, when dbt can share it.
+
+        A ``duckdb.connect()`` that finds no open instance of the file in the process starts one
+        (~11 ms, whatever the file or config), and the last connection's close checkpoints it:
+        the missing-parents check and dbt-duckdb each did, one after the other. Held open here,
+        both connect to this one (bench/README.md, session 9). DuckDB shares an instance only
+        between connections of the same configuration, and dbt-duckdb's comes from the profile,
+        which dbt has read by ConcurrencyLine: then ``_let_go_of_duckdb_unless_dbt_shares_it``
+        closes this one unless dbt's connection will be like it. That check runs from
+        prefect-dbt's event callback, which exists inside a flow or task run only: elsewhere
+        nothing is held.
+        """
+        if not (self.warehouse_is_duckdb and (FlowRunContext.get() or TaskRunContext.get())):
+            yield
+            return
+        try:
+            self._kept_open = duckdb.connect(str(self.duckdb_path))
+        except duckdb.Error:  # another process writes it: the usual paths wait and report
+            yield
+            return
+        try:
+            yield
+        finally:
+            self._let_go_of_duckdb()
+
+    def _let_go_of_duckdb(self) -> None:
+        kept, self._kept_open = self._kept_open, None
+        if kept is not None:
+            kept.close()
+
+    def _let_go_of_duckdb_unless_dbt_shares_it(self) -> None:
+        ctx = click.get_current_context(silent=True)
+        config = (
+            ctx.obj.get("runtime_config") if ctx is not None and isinstance(ctx.obj, dict) else None
+        )
+        if not _dbt_shares_duckdb_instance(getattr(config, "credentials", None), self.duckdb_path):
+            self._let_go_of_duckdb()
 
     def invoke(self, args: list[str]) -> Any:
         """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run)."""
@@ -494,6 +544,10 @@ class CoreDbtRunner:
     def build(
         self, selection: Selection, *, cause: str, job_id: int | None = None
     ) -> DbtBuildResult:
+        with self._one_duckdb_instance():
+            return self._build(selection)
+
+    def _build(self, selection: Selection) -> DbtBuildResult:
         nodes: list[NodeResult] = []
         missing = self.missing_parents(selection)
         if missing:
@@ -611,6 +665,25 @@ class CoreDbtRunner:
             ]
         )
         return [json.loads(line)[key] for line in (res.result or [])]
+
+
+def _dbt_shares_duckdb_instance(credentials: Any, duckdb_path: Path) -> bool:
+    """Whether dbt-duckdb's connection for these credentials joins a plain connection's instance.
+
+    dbt-duckdb 1.11 (``Environment.initialize_db``) connects with ``config_options`` and what its
+    plugins add, read-write: the same configuration as ``duckdb.connect(path)`` when there are
+    neither. It also attaches databases, registers filesystems and creates secrets on the
+    instance, which must not meet what an earlier invocation left there: no sharing then either.
+    """
+    if getattr(credentials, "type", None) != "duckdb":
+        return False
+    if any(
+        getattr(credentials, name, None)
+        for name in ("config_options", "plugins", "remote", "attach", "filesystems", "secrets")
+    ) or getattr(credentials, "is_motherduck", False):
+        return False
+    path = getattr(credentials, "path", None)
+    return bool(path) and Path(path).resolve() == duckdb_path.resolve()
 
 
 def _retryable(nodes: list[NodeResult]) -> bool:

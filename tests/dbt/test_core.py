@@ -16,7 +16,9 @@ from typing import Any
 from unittest.mock import patch
 from uuid import UUID
 
+import duckdb
 import pytest
+from dbt.adapters.duckdb import environments as duckdb_environments
 from prefect import flow
 from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE
@@ -32,6 +34,7 @@ from prefect_dbt import PrefectDbtSettings
 from prefect_dbt.core.runner import execute_dbt_node
 
 from postload.config import Selection, load_pipeline_config
+from postload.dbt import _core
 from postload.dbt._core import (
     NODE_TASK_THREAD_PREFIX,
     CoreDbtRunner,
@@ -308,3 +311,70 @@ def test_process_exits_cleanly_right_after_a_flow_that_built(
                 break
             time.sleep(0.5)
     assert states == ["Completed"] * int(nodes)
+
+
+def _build_events_in_a_flow(home: PostloadHome) -> str:
+    warehouse = loaded_warehouse(home)
+
+    @flow
+    def transform() -> str:
+        runner = CoreDbtRunner(
+            home.root / "dbt_project",
+            home.duckdb,
+            existing_relations=warehouse.relations,
+            warehouse_is_duckdb=True,
+        )
+        return runner.build(EVENTS, cause="test").status
+
+    return transform()
+
+
+def test_dbt_shares_the_duckdb_instance_the_build_opened(
+    prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One DuckDB instance for the missing-parents check and dbt: a database-wide setting made
+    on the build's own connection is what dbt-duckdb's connection sees."""
+    seen_by_dbt: list[str] = []
+    real_connect = duckdb.connect
+
+    def build_connect(*args: Any, **kwargs: Any) -> duckdb.DuckDBPyConnection:
+        con = real_connect(*args, **kwargs)
+        con.execute("set global memory_limit = '777MB'")
+        return con
+
+    def dbt_connect(*args: Any, **kwargs: Any) -> duckdb.DuckDBPyConnection:
+        con = real_connect(*args, **kwargs)
+        seen_by_dbt.append(con.execute("select current_setting('memory_limit')").fetchone()[0])
+        return con
+
+    # Both names are the duckdb module: give each caller its own spy.
+    monkeypatch.setattr(_core, "duckdb", _ModuleWith(duckdb, connect=build_connect))
+    monkeypatch.setattr(duckdb_environments, "duckdb", _ModuleWith(duckdb, connect=dbt_connect))
+    assert _build_events_in_a_flow(postload_home) == "success"
+    assert seen_by_dbt and all(limit.startswith("741") for limit in seen_by_dbt), seen_by_dbt
+
+
+def test_a_profile_dbt_cannot_share_an_instance_with_still_builds(
+    prefect_server: str, postload_home: PostloadHome
+) -> None:
+    """DuckDB refuses a second connection to an open file with another configuration: with
+    config_options in the profile, the build lets go of its own connection before dbt connects."""
+    profiles = postload_home.root / "dbt_project" / "profiles.yml"
+    profiles.write_text(
+        profiles.read_text().replace(
+            "      threads: 4\n", "      threads: 4\n      config_options:\n        threads: 2\n"
+        )
+    )
+    assert "config_options" in profiles.read_text()
+    assert _build_events_in_a_flow(postload_home) == "success"
+
+
+class _ModuleWith:
+    """A module with some attributes replaced, for one caller's view of it."""
+
+    def __init__(self, module: Any, **replaced: Any) -> None:
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)

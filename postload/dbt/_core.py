@@ -395,11 +395,7 @@ class _NodeTaskDbtRunner(PrefectDbtRunner):
         process is forked, so the child has it too. Without one (``dbt retry`` loads its own),
         prefect-dbt reads the file as before.
         """
-        ctx = click.get_current_context(silent=True)
-        manifest = (
-            ctx.obj.get("manifest") if ctx is not None and isinstance(ctx.obj, dict) else None
-        )
-        if isinstance(manifest, Manifest):
+        if isinstance(manifest := _running_dbt_command("manifest"), Manifest):
             self._manifest = manifest
 
     def _callback_worker(self) -> None:
@@ -506,10 +502,7 @@ class CoreDbtRunner:
             kept.close()
 
     def _let_go_of_duckdb_unless_dbt_shares_it(self) -> None:
-        ctx = click.get_current_context(silent=True)
-        config = (
-            ctx.obj.get("runtime_config") if ctx is not None and isinstance(ctx.obj, dict) else None
-        )
+        config = _running_dbt_command("runtime_config")
         if not _dbt_shares_duckdb_instance(getattr(config, "credentials", None), self.duckdb_path):
             self._let_go_of_duckdb()
 
@@ -665,6 +658,13 @@ class CoreDbtRunner:
             ]
         )
         return [json.loads(line)[key] for line in (res.result or [])]
+
+
+def _running_dbt_command(key: str) -> Any:
+    """What the dbt command running in this thread keeps under ``key`` in its click context
+    (``manifest``, ``runtime_config``: dbt/cli/requires.py), or None outside one."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.obj.get(key) if ctx is not None and isinstance(ctx.obj, dict) else None
 
 
 def _dbt_shares_duckdb_instance(credentials: Any, duckdb_path: Path) -> bool:

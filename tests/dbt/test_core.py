@@ -33,8 +33,8 @@ from prefect.utilities.engine import resolve_to_final_result
 from prefect_dbt import PrefectDbtSettings
 from prefect_dbt.core.runner import execute_dbt_node
 
-from postload.config import Selection, load_pipeline_config
-from postload.dbt import _core
+from postload.config import NodeTaskMode, Selection, load_pipeline_config
+from postload.dbt import DbtBuildResult, _core
 from postload.dbt._core import (
     NODE_TASK_THREAD_PREFIX,
     CoreDbtRunner,
@@ -313,20 +313,25 @@ def test_process_exits_cleanly_right_after_a_flow_that_built(
     assert states == ["Completed"] * int(nodes)
 
 
-def _build_events_in_a_flow(home: PostloadHome) -> str:
+def build_in_a_flow(
+    home: PostloadHome, selection: Selection, mode: NodeTaskMode = NodeTaskMode.PROCESS
+) -> tuple[DbtBuildResult, UUID]:
+    """A build inside a flow run, on the loaded demo warehouse, as open_dbt_runner sets it up."""
     warehouse = loaded_warehouse(home)
 
     @flow
-    def transform() -> str:
+    def transform() -> DbtBuildResult:
         runner = CoreDbtRunner(
             home.root / "dbt_project",
             home.duckdb,
             existing_relations=warehouse.relations,
+            node_task_mode=mode,
             warehouse_is_duckdb=True,
         )
-        return runner.build(EVENTS, cause="test").status
+        return runner.build(selection, cause="test")
 
-    return transform()
+    state = transform(return_state=True)
+    return state.result(), state.state_details.flow_run_id
 
 
 def test_dbt_shares_the_duckdb_instance_the_build_opened(
@@ -350,7 +355,7 @@ def test_dbt_shares_the_duckdb_instance_the_build_opened(
     # Both names are the duckdb module: give each caller its own spy.
     monkeypatch.setattr(_core, "duckdb", _ModuleWith(duckdb, connect=build_connect))
     monkeypatch.setattr(duckdb_environments, "duckdb", _ModuleWith(duckdb, connect=dbt_connect))
-    assert _build_events_in_a_flow(postload_home) == "success"
+    assert build_in_a_flow(postload_home, EVENTS)[0].status == "success"
     assert seen_by_dbt and all(limit.startswith("741") for limit in seen_by_dbt), seen_by_dbt
 
 
@@ -366,7 +371,7 @@ def test_a_profile_dbt_cannot_share_an_instance_with_still_builds(
         )
     )
     assert "config_options" in profiles.read_text()
-    assert _build_events_in_a_flow(postload_home) == "success"
+    assert build_in_a_flow(postload_home, EVENTS)[0].status == "success"
 
 
 class _ModuleWith:

@@ -11,7 +11,6 @@ from uuid import UUID
 
 import pytest
 from dbt.task.runnable import GraphRunnableTask
-from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -23,11 +22,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect_dbt import PrefectDbtRunner
 
 from postload.config import NodeTaskMode, Selection
-from postload.dbt import DbtBuildResult
-from postload.dbt._core import CoreDbtRunner
 from postload.dbt._node_process import NodeTaskProcess
 from tests.conftest import PostloadHome
-from tests.dbt.test_core import EVENTS, loaded_warehouse
+from tests.dbt.test_core import EVENTS, build_in_a_flow
 
 
 def task_runs_of(flow_run_id: UUID, expected: int) -> dict[str, TaskRun]:
@@ -44,25 +41,6 @@ def task_runs_of(flow_run_id: UUID, expected: int) -> dict[str, TaskRun]:
             if len(done) >= expected or time.monotonic() > deadline:
                 return runs
             time.sleep(0.5)
-
-
-def build_in_a_flow(
-    home: PostloadHome, selection: Selection, mode: NodeTaskMode
-) -> tuple[DbtBuildResult, UUID]:
-    warehouse = loaded_warehouse(home)
-
-    @flow
-    def transform() -> DbtBuildResult:
-        runner = CoreDbtRunner(
-            home.root / "dbt_project",
-            home.duckdb,
-            existing_relations=warehouse.relations,
-            node_task_mode=mode,
-        )
-        return runner.build(selection, cause="test")
-
-    state = transform(return_state=True)
-    return state.result(), state.state_details.flow_run_id
 
 
 @pytest.mark.parametrize("mode", [NodeTaskMode.PROCESS, NodeTaskMode.THREAD])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -80,10 +81,25 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+# The kernel hands out ports in this range to outgoing connections (Linux's default range when
+# it cannot be read): a port picked inside it may be taken by one before the stack binds it
+# (a demo's receiver failed so: "address already in use").
+_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, below the range of outgoing connections' ports when there is room."""
+    try:
+        first_ephemeral = int(_EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    if first_ephemeral > 20_000:
+        for port in random.sample(range(20_000, first_ephemeral), 50):
+            if port_is_free(host, port):
+                return port
     with socket.socket() as probe:
         probe.bind((host, 0))
-        return probe.getsockname()[1]
+        return int(probe.getsockname()[1])
 
 
 def send_sync_end(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from postload.config import Settings
-from postload.local_stack import LOCAL_SERVER_SETTINGS, LocalStack
+from postload.local_stack import _EPHEMERAL_PORTS, LOCAL_SERVER_SETTINGS, LocalStack, free_port
 from tests.conftest import (
     REPO,
     PostloadHome,
@@ -31,7 +32,6 @@ from tests.conftest import (
     make_home,
     suite_secret,
 )
-from tests.test_receiver import free_port
 
 POSTLOAD = str(Path(sys.executable).with_name("postload"))
 SECRET = suite_secret("local stack: webhook secret", "whsec-local-stack-51f0")
@@ -265,3 +265,14 @@ def test_ctrl_c_stops_everything_it_started(running_stack: RunningStack) -> None
     while (left := {pid for pid in tree if alive(pid)}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+
+
+def test_free_ports_are_below_the_ports_outgoing_connections_take() -> None:
+    """Picked inside that range, a port could go to an outgoing connection before the stack
+    binds it (a demo's receiver once failed with "address already in use")."""
+    first_ephemeral = int(_EPHEMERAL_PORTS.read_text().split()[0])
+    for _ in range(20):
+        port = free_port()
+        assert port < first_ephemeral
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))

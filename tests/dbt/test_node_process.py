@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import socket
 import time
 from typing import Any
 from uuid import UUID
@@ -119,6 +121,24 @@ def test_a_child_that_fails_before_serving_exits_instead_of_returning_into_dbt(
     # Returning into dbt's stack, it would have gone on as a second copy of the flow run and
     # never answered: the dbt process would have waited for it, then killed it (-9).
     assert any("ended with exit code 1" in m for m in messages), messages
+
+
+def test_a_child_that_dies_with_events_unread_is_reported_not_raised(
+    prefect_server: str,
+    postload_home: PostloadHome,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def dies_once_sent_an_event(connection: socket.socket, *args: Any) -> None:
+        select.select([connection], [], [], 60)
+        os._exit(3)  # with the event unread: the dbt process's end of the connection is reset
+
+    monkeypatch.setattr(_node_process, "_serve_node_tasks", dies_once_sent_an_event)
+    with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
+        build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
+    assert build.status == "success"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ended with exit code 3" in m for m in messages), messages
 
 
 def test_a_refused_fork_records_the_nodes_in_threads_instead(

@@ -8,6 +8,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -81,64 +82,55 @@ def test_a_failing_model_is_a_failed_task_run_and_its_children_never_start(
     assert not any(name.startswith("model after_broken") for name in runs)
 
 
-def test_the_build_goes_on_when_the_recording_process_dies(
-    prefect_server: str,
-    postload_home: PostloadHome,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def killed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     start = NodeTaskProcess.start
 
-    def killed_at_once(self: NodeTaskProcess) -> None:
+    def start_then_kill(self: NodeTaskProcess) -> None:
         start(self)
         assert self.pid is not None
         os.kill(self.pid, signal.SIGKILL)
 
-    monkeypatch.setattr(NodeTaskProcess, "start", killed_at_once)
-    with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
-        build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
-    assert build.status == "success"
-    assert "stg_events" in [n.name for n in build.nodes]
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("ended with exit code -9" in m for m in messages), messages
+    monkeypatch.setattr(NodeTaskProcess, "start", start_then_kill)
 
 
-def test_a_child_that_fails_before_serving_exits_instead_of_returning_into_dbt(
-    prefect_server: str,
-    postload_home: PostloadHome,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def fails_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any) -> None:
         raise RuntimeError("the child failed before serving")
 
-    # In the child only: it is called there, after the fork.
+    # Replaced in the child only: it is called there, after the fork. Returning into dbt's
+    # stack, the child would go on as a second copy of the flow run and never answer: the dbt
+    # process would wait for it, then kill it (-9).
     monkeypatch.setattr(_node_process, "_serve_node_tasks", broken)
-    with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
-        build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
-    assert build.status == "success"
-    messages = [r.getMessage() for r in caplog.records]
-    # Returning into dbt's stack, it would have gone on as a second copy of the flow run and
-    # never answered: the dbt process would have waited for it, then killed it (-9).
-    assert any("ended with exit code 1" in m for m in messages), messages
 
 
-def test_a_child_that_dies_with_events_unread_is_reported_not_raised(
-    prefect_server: str,
-    postload_home: PostloadHome,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def dies_with_events_unread(monkeypatch: pytest.MonkeyPatch) -> None:
     def dies_once_sent_an_event(connection: socket.socket, *args: Any) -> None:
         select.select([connection], [], [], 60)
         os._exit(3)  # with the event unread: the dbt process's end of the connection is reset
 
     monkeypatch.setattr(_node_process, "_serve_node_tasks", dies_once_sent_an_event)
+
+
+@pytest.mark.parametrize(
+    ("end_early", "exit_code"),
+    [(killed_at_once, -9), (fails_before_serving, 1), (dies_with_events_unread, 3)],
+    ids=["killed", "fails-before-serving", "dies-with-events-unread"],
+)
+def test_the_build_goes_on_when_the_recording_process_ends_early(
+    prefect_server: str,
+    postload_home: PostloadHome,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    end_early: Callable[[pytest.MonkeyPatch], None],
+    exit_code: int,
+) -> None:
+    end_early(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="postload.dbt._node_process"):
         build, _ = build_in_a_flow(postload_home, EVENTS, NodeTaskMode.PROCESS)
     assert build.status == "success"
+    assert "stg_events" in [n.name for n in build.nodes]
     messages = [r.getMessage() for r in caplog.records]
-    assert any("ended with exit code 3" in m for m in messages), messages
+    assert any(f"ended with exit code {exit_code}" in m for m in messages), messages
 
 
 def test_a_refused_fork_records_the_nodes_in_threads_instead(

@@ -1,4 +1,4 @@
-"""Failure → Slack message latency on a local Prefect server (issue 4's second benchmark).
+"""Failure → Slack message latency on a local Prefect server (goal: p50 ≤ 5 s).
 
 A loopback HTTP server stands in for Slack; ``postload.alerts.apply_automations`` wires the
 automations to a ``postload-slack``-style block pointing at it. Each round runs a flow that fails
@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from postload.local_stack import use_local_server_settings
+from postload.local.stack import use_local_server_settings
 
 use_local_server_settings()  # the test server runs as `postload stack` runs its own
 os.environ.setdefault("DO_NOT_TRACK", "1")

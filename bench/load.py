@@ -38,7 +38,7 @@ from pathlib import Path
 import duckdb
 
 from postload.config import PipelineConfig, load_pipeline_config
-from postload.demo_data import write_bulk_file
+from postload.local.demo_data import write_bulk_file
 from postload.warehouse._duckdb import (
     _CHECKPOINT_ROWS,
     _RECORDS,

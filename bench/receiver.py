@@ -1,7 +1,7 @@
 """Receiver benchmark: signed Fivetran webhooks over loopback, ack latency and forwarded rate.
 
-Starts ``postload.receiver.serve`` as a subprocess (exactly as deployed: uvicorn, one process,
-SQLite outbox) and drives it with a small keep-alive HTTP/1.1 client written on raw asyncio
+Starts ``postload.fivetran.receiver.serve`` as a subprocess (exactly as deployed: uvicorn, one
+process, SQLite outbox) and drives it with a small keep-alive HTTP/1.1 client written on raw asyncio
 streams (cheaper per request than httpx, so on a 2-core box more of the CPU is left to the
 receiver). Every request is a distinct signed ``sync_end`` (its own sync_id), so each one is a
 real outbox insert, not a duplicate. Bodies and signatures are built before the clock starts.
@@ -60,7 +60,7 @@ READY_TIMEOUT = 30.0
 SERVE = """
 import os
 from pathlib import Path
-from postload.receiver import serve
+from postload.fivetran.receiver import serve
 serve(
     "127.0.0.1",
     int(os.environ["RECEIVER_PORT"]),
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         return
 
     # Run 2: a real local Prefect API; the forwarder drains while requests arrive.
-    from postload.local_stack import use_local_server_settings
+    from postload.local.stack import use_local_server_settings
 
     use_local_server_settings()  # the test server runs as `postload stack` runs its own
     from prefect.settings import PREFECT_API_URL

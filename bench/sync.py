@@ -18,6 +18,9 @@ The real path, every part a separate process on loopback, as a user runs it:
 
 The Prefect server is a ``prefect_test_harness`` subprocess (startup not timed). Nothing leaves
 the machine. Work files go to ``bench/.work/sync-*`` (removed unless ``--keep``).
+
+The fault suite, tests/system/faults.py, imports this module's stack helpers (home, land, Proc,
+waits); it gates CI, so a change here must keep ``make faults-quick`` passing.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ import duckdb
 import httpx
 import yaml
 
-from postload.local_stack import use_local_server_settings
+# The checkout first: flows/ (imported by bootstrap and fresh) is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from postload.local.stack import use_local_server_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-sync-secret-3b1f"
@@ -150,7 +155,7 @@ def closure(chosen: list[int], sources: int) -> set[str]:
 def land(home: Path, source: str, batch: int, *, generated: bool) -> None:
     """What a Fivetran sync does: new rows in the raw table (through the DuckDB loader)."""
     from postload.config import Settings
-    from postload.demo_data import write_demo_batch
+    from postload.local.demo_data import write_demo_batch
     from postload.warehouse._duckdb import DuckDBWarehouse
 
     settings = Settings(project_dir=home)
@@ -171,7 +176,7 @@ def land(home: Path, source: str, batch: int, *, generated: bool) -> None:
 
 @contextmanager
 def _writer(settings: Any) -> Iterator[None]:
-    from postload.orchestration import warehouse_writer
+    from postload.writer import warehouse_writer
 
     with warehouse_writer(settings):
         yield
@@ -573,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mode",
         choices=["latency", "burst", "fresh", "both", "all"],
         default="both",
-        help="latency (P1), burst (P4), fresh (issue 4: full build start), both = P1+P4, all",
+        help="latency (P1), burst (P4), fresh (last source fresh → full build start), "
+        "both = P1+P4 (default), all",
     )
     parser.add_argument("--events", type=int, default=20, help="latency samples (default 20)")
     parser.add_argument("--burst", type=int, nargs="+", default=[1, 5, 20], help="K values")

@@ -17,17 +17,13 @@ from prefect.cache_policies import NO_CACHE
 
 from postload.alerts import announce_stale_sources
 from postload.config import Settings
-from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
-from postload.dbt._core import CoreDbtRunner
+from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
 from postload.freshness import FULL_BUILD, FullRunDecision, decide, tracked_sources
-from postload.orchestration import (
-    current_flow_run_id,
-    retry_options,
-    supersede_waiting_runs,
-    warehouse_writer,
-)
-from postload.pipeline import freshness_markdown, publish_status, transform_record
+from postload.report import freshness_markdown, publish_status
+from postload.retries import build_retry_options
+from postload.runs import record_build, supersede_waiting_runs
 from postload.warehouse import open_warehouse, utcnow
+from postload.writer import warehouse_writer
 
 
 @task(name="full-build", cache_policy=NO_CACHE)
@@ -41,8 +37,8 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
     logger = get_run_logger()
     settings = Settings()
     pipeline = settings.load_pipeline()
-    resolver = CoreDbtRunner(settings.dbt_project_path, settings.duckdb_file)
-    tracked = tracked_sources(pipeline, resolver.manifest(), settings.pipeline_config_path)
+    project = DbtProject.from_settings(settings)
+    tracked = tracked_sources(pipeline, project.manifest(), settings.pipeline_config_path)
     warehouse = open_warehouse(settings, pipeline)
     runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
     if superseded := supersede_waiting_runs():
@@ -65,24 +61,20 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
 
         logger.info("full build: %s", decision.reason)
         started_at = utcnow()
-        build = full_build.with_options(**_retrying(settings))(
+        build = full_build.with_options(**build_retry_options(settings))(
             runner,
             cause=f"postload: full run ({reason})",
             job_id=pipeline.full_run.dbt_cloud_job_id,
         )
-        completed_at = utcnow()
-        for t in tracked:
-            warehouse.record_transform(
-                transform_record(
-                    flow_run_id=current_flow_run_id(),
-                    source=t.config,
-                    runner=runner.kind,
-                    build=build,
-                    started_at=started_at,
-                    completed_at=completed_at,
-                    covers_loaded_at=decision.covers.get(t.name),
-                )
-            )
+        record_build(
+            warehouse,
+            sources=configs,
+            runner=runner.kind,
+            build=build,
+            started_at=started_at,
+            completed_at=utcnow(),
+            covers=decision.covers,
+        )
         publish_status(warehouse)
     if build.status == "error":
         raise DbtBuildError(build)
@@ -92,11 +84,6 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
         "status": build.status,
         "announced_stale": announced,
     }
-
-
-def _retrying(settings: Settings) -> dict[str, Any]:
-    # dbt Cloud retries its own API calls without ever re-triggering a run; a task retry would.
-    return retry_options(settings) if settings.dbt_runner.value == "core" else {"retries": 0}
 
 
 if __name__ == "__main__":

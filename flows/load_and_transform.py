@@ -1,4 +1,4 @@
-"""load-and-transform: the seed's orchestrator pattern as a Prefect flow.
+"""load-and-transform: load a source's staged files, verify, build what depends on them.
 
 1. Load one source's new staged files into its raw table (COPY INTO … ON_ERROR='CONTINUE').
 2. Verify the load: fail when files were present but nothing loaded; surface rejected lines.
@@ -17,20 +17,12 @@ from prefect.events import emit_event
 
 from postload.config import Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
-from postload.orchestration import (
-    artifact_key,
-    current_flow_run_id,
-    retry_options,
-    warehouse_writer,
-)
-from postload.pipeline import (
-    LoadVerdict,
-    publish_status,
-    rejects_table,
-    transform_record,
-    verify_load,
-)
+from postload.load import LoadVerdict, rejects_table, verify_load
+from postload.report import artifact_key, load_and_transform_markdown, publish_status
+from postload.retries import build_retry_options, retry_options
+from postload.runs import current_flow_run_id, record_build
 from postload.warehouse import FileLoadResult, Warehouse, open_warehouse, utcnow
+from postload.writer import warehouse_writer
 
 
 @task(name="load", cache_policy=NO_CACHE)
@@ -98,32 +90,29 @@ def load_and_transform(source: str = "events") -> dict[str, Any]:
     src = pipeline.source(source)
     warehouse = open_warehouse(settings, pipeline)
     runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
-    retrying = retry_options(settings)
-
     with warehouse_writer(settings):
-        results = load.with_options(**retrying)(warehouse, src)
+        results = load.with_options(**retry_options(settings))(warehouse, src)
         verdict = verify(src, results)
         build = None
         if verdict.should_transform:
             started_at = utcnow()
-            build = transform.with_options(**retrying)(
+            build = transform.with_options(**build_retry_options(settings))(
                 runner, src, cause=f"postload: load of {src.name} complete"
             )
-            record = transform_record(
-                flow_run_id=current_flow_run_id(),
-                source=src,
+            record_build(
+                warehouse,
+                sources=[src],
                 runner=runner.kind,
                 build=build,
                 started_at=started_at,
                 completed_at=utcnow(),
-                covers_loaded_at=warehouse.latest_load_at(src),
+                covers={src.name: warehouse.latest_load_at(src)},
             )
-            warehouse.record_transform(record)
         status = report(warehouse)
 
     create_markdown_artifact(
         key=artifact_key("load-and-transform", src.name),
-        markdown=_summary_markdown(verdict, build),
+        markdown=load_and_transform_markdown(verdict, build),
         description=f"load-and-transform summary for {src.name}",
     )
     if build is not None and build.status == "error":
@@ -137,19 +126,6 @@ def load_and_transform(source: str = "events") -> dict[str, Any]:
         "dbt_nodes": [n.unique_id for n in build.nodes] if build else [],
         "status": status,
     }
-
-
-def _summary_markdown(verdict: LoadVerdict, build: DbtBuildResult | None) -> str:
-    lines = [f"## {verdict.source}", "", f"- load: {verdict.summary()}"]
-    if build is None:
-        lines.append("- transform: skipped (no new data)")
-    else:
-        lines.append(f"- transform: `dbt build {build.selection}` → **{build.status}**")
-        for node in build.nodes:
-            lines.append(f"  - `{node.unique_id}`: {node.status}")
-        if build.run_url:
-            lines.append(f"- dbt Cloud run: {build.run_url}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

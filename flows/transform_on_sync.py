@@ -19,24 +19,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from postload.config import PipelineConfig, Settings
-from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
-from postload.dbt._core import CoreDbtRunner
-from postload.orchestration import (
-    current_flow_run_id,
-    retry_options,
-    supersede_waiting_runs,
-    warehouse_writer,
-)
-from postload.pipeline import publish_status, transform_record
-from postload.sync import TransformPlan, plan_transform
+from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
+from postload.plan import TransformPlan, plan_transform
+from postload.report import publish_status, transform_on_sync_markdown
+from postload.retries import build_retry_options
+from postload.runs import record_build, supersede_waiting_runs
 from postload.warehouse import Warehouse, open_warehouse, utcnow
+from postload.writer import warehouse_writer
 
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(
-    warehouse: Warehouse, pipeline: PipelineConfig, resolver: CoreDbtRunner
+    warehouse: Warehouse, pipeline: PipelineConfig, project: DbtProject
 ) -> TransformPlan | None:
-    return plan_transform(pipeline, warehouse.watermarks(pipeline.sources), resolver.model_names)
+    return plan_transform(pipeline, warehouse.watermarks(pipeline.sources), project.model_names)
 
 
 @task(name="transform", cache_policy=NO_CACHE)
@@ -57,7 +53,7 @@ def transform_on_sync(
 
     warehouse = open_warehouse(settings, pipeline)
     runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
-    resolver = CoreDbtRunner(settings.dbt_project_path, settings.duckdb_file)
+    project = DbtProject.from_settings(settings)
     if reason != "sweep" and settings.sync_debounce_seconds:
         # A short debounce: syncs finishing together land in this run instead of a follow-up.
         time.sleep(settings.sync_debounce_seconds)
@@ -68,7 +64,7 @@ def transform_on_sync(
     with warehouse_writer(settings):
         warehouse.ensure_schema()
         for _ in range(settings.sync_max_rounds):
-            todo = plan(warehouse, pipeline, resolver)
+            todo = plan(warehouse, pipeline, project)
             if todo is None:
                 if not builds:
                     logger.info(
@@ -77,22 +73,18 @@ def transform_on_sync(
                     )
                 break
             started_at = utcnow()
-            build = transform.with_options(**retrying(settings))(
+            build = transform.with_options(**build_retry_options(settings))(
                 runner, todo, cause=f"postload: {reason} ({', '.join(todo.source_names)})"
             )
-            completed_at = utcnow()
-            for source in todo.sources:
-                warehouse.record_transform(
-                    transform_record(
-                        flow_run_id=current_flow_run_id(),
-                        source=source,
-                        runner=runner.kind,
-                        build=build,
-                        started_at=started_at,
-                        completed_at=completed_at,
-                        covers_loaded_at=todo.covers[source.name],
-                    )
-                )
+            record_build(
+                warehouse,
+                sources=todo.sources,
+                runner=runner.kind,
+                build=build,
+                started_at=started_at,
+                completed_at=utcnow(),
+                covers=todo.covers,
+            )
             builds.append(
                 {"sources": todo.source_names, "selection": build.selection, "status": build.status}
             )
@@ -102,21 +94,9 @@ def transform_on_sync(
             publish_status(warehouse)
     create_markdown_artifact(
         key="transform-on-sync",
-        markdown="\n".join(
-            [f"## transform-on-sync ({reason})"]
-            + [
-                f"- `dbt build {b['selection']}` for {', '.join(b['sources'])}: {b['status']}"
-                for b in builds
-            ]
-            or ["- nothing pending"]
-        ),
+        markdown=transform_on_sync_markdown(reason, builds),
     )
     return {"builds": builds}
-
-
-def retrying(settings: Settings) -> dict[str, Any]:
-    # dbt Cloud retries its own API calls without ever re-triggering a run; a task retry would.
-    return retry_options(settings) if settings.dbt_runner.value == "core" else {"retries": 0}
 
 
 def _unknown_connector(

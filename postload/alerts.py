@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from postload.freshness import SourceFreshness
@@ -140,7 +140,8 @@ def notification_block_ids() -> tuple[uuid.UUID | None, uuid.UUID | None]:
 
     def block_id(slug: str, name: str) -> uuid.UUID | None:
         try:
-            return Block.load(f"{slug}/{name}")._block_document_id
+            # From sync code async_dispatch runs the sync load: a block, not a coroutine.
+            return cast(Block, Block.load(f"{slug}/{name}"))._block_document_id
         except ValueError:  # no such block document
             return None
 
@@ -237,20 +238,27 @@ def lost_run_action(lost_after_seconds: float) -> Any:
 def _upsert(name: str, description: str, trigger: Any, actions: list[Any]) -> AppliedAutomation:
     from prefect.automations import Automation
 
+    # From sync code async_dispatch runs the sync read and create: automations, not coroutines.
+    existing: Automation | None
     try:
-        existing = Automation.read(name=name)
+        existing = cast(Automation, Automation.read(name=name))
     except ValueError:
         existing = None
     if existing is None:
-        created = Automation(
-            name=name, description=description, trigger=trigger, actions=actions
-        ).create()
+        created = cast(
+            Automation,
+            Automation(
+                name=name, description=description, trigger=trigger, actions=actions
+            ).create(),
+        )
+        assert created.id is not None  # create() sets the id the API gave it
         return AppliedAutomation(name, created.id, "created")
     existing.description = description
     existing.trigger = trigger
     existing.actions = actions
     existing.enabled = True
     existing.update()
+    assert existing.id is not None  # read() builds it from the API's automation, id included
     return AppliedAutomation(name, existing.id, "updated")
 
 

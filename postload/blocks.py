@@ -36,7 +36,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 from prefect.blocks.core import Block
@@ -323,6 +323,7 @@ def _dbt_cloud_credentials(env: BlockEnv, built: dict[str, Block]) -> Block:
 
 
 def _slack_webhook(env: BlockEnv, built: dict[str, Block]) -> Block:
+    assert env.slack_webhook_url is not None  # built only once the group is complete
     return slack_notification_block(env.slack_webhook_url.get_secret_value())
 
 
@@ -513,7 +514,8 @@ def _save(block: Block, name: str) -> tuple[BlockStatus, UUID]:
         block._block_document_id = existing.id
         block._block_document_name = name
         return BlockStatus.UNCHANGED, existing.id
-    document_id = block.save(name, overwrite=True, _sync=True)
+    # `_sync` is async_dispatch's keyword, missing from its type: the id, not a coroutine.
+    document_id = cast(UUID, block.save(name, overwrite=True, _sync=True))  # type: ignore[call-arg]
     return (BlockStatus.CREATED if existing is None else BlockStatus.UPDATED), document_id
 
 

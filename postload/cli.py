@@ -69,11 +69,11 @@ def sources() -> None:
 def plan(target: SourceOrConnectorArg) -> None:
     """Print the dbt selection and the nodes it would build, without building: for a source, or
     for a Fivetran connector id (the union of the work of every source it loads)."""
-    from postload.dbt._core import CoreDbtRunner, DbtInvocationError
-    from postload.sync import union_selection
+    from postload.dbt import DbtInvocationError, DbtProject
+    from postload.plan import union_selection
 
     settings, pipeline = _settings_and_pipeline()
-    runner = CoreDbtRunner(settings.dbt_project_path, settings.duckdb_file)
+    project = DbtProject.from_settings(settings)
     connector_sources = pipeline.sources_for_connector(target)
     try:
         if target in pipeline.source_names:
@@ -94,12 +94,12 @@ def plan(target: SourceOrConnectorArg) -> None:
                 typer.echo(f"  {src.name}: {src.effective_selection.describe()}")
             # The same union a sync-triggered transform builds in one dbt invocation.
             selection = union_selection(
-                [s.effective_selection for s in connector_sources], runner.model_names
+                [s.effective_selection for s in connector_sources], project.model_names
             )
             typer.echo(f"dbt build {selection.describe()}")
         else:
             raise _fail(_unknown_target(target, settings, pipeline))
-        nodes = runner.list_nodes(selection)
+        nodes = project.list_nodes(selection)
     except DbtInvocationError as exc:
         raise _fail(str(exc)) from None
     if not nodes:
@@ -120,9 +120,23 @@ def _unknown_target(target: str, settings: Settings, pipeline: PipelineConfig) -
 @app.command()
 def run(source: SourceArg) -> None:
     """Run the load-and-transform flow for SOURCE once, in this process."""
-    from flows.load_and_transform import load_and_transform
+    from postload.local.serve import deployment_specs, load_deployment_flow
 
-    _settings_and_pipeline()
+    settings, _ = _settings_and_pipeline()
+    # The flow from its entrypoint in the checkout, as a deployment runs it: the library never
+    # imports the flows/ package.
+    prefect_yaml = settings.project_dir / "prefect.yaml"
+    specs = [
+        s
+        for s in (deployment_specs(prefect_yaml) if prefect_yaml.is_file() else [])
+        if s.name == "load-and-transform"
+    ]
+    if not specs:
+        raise _fail(
+            f"{prefect_yaml}: no load-and-transform deployment (run from the postload checkout, "
+            "or set POSTLOAD_PROJECT_DIR to it)"
+        )
+    load_and_transform = load_deployment_flow(settings.project_dir, specs[0])
     result = load_and_transform(source)
     typer.echo(f"{result['source']}: {result['outcome']}, dbt {result['dbt_status']}")
 
@@ -130,7 +144,7 @@ def run(source: SourceArg) -> None:
 @app.command()
 def status() -> None:
     """Print the pipeline_status view (per source: last load, last transform, latency)."""
-    from postload.pipeline import render_text_table, status_table
+    from postload.report import render_text_table, status_table
     from postload.warehouse import open_warehouse
 
     settings, pipeline = _settings_and_pipeline()
@@ -151,7 +165,7 @@ def demo(
     """The whole story on the local stack (Prefect server + UI, runner, webhook receiver):
     two simulated Fivetran syncs → one coalesced transform, a COPY load of events → only its
     models, then one full build once every source is fresh, and the pipeline status."""
-    from postload.demo import run_demo
+    from postload.local.demo import run_demo
 
     sys.exit(run_demo(Settings(), api_port=port, keep_running=keep_running, echo=typer.echo))
 
@@ -182,7 +196,7 @@ def stack(
     """Start the whole embedded system: a local Prefect server with its UI, a runner serving
     prefect.yaml's deployments, the webhook receiver and the automations; print the URLs and
     how to send a test event. Ctrl-C stops everything it started."""
-    from postload.local_stack import LocalStack, StackError
+    from postload.local.stack import LocalStack, StackError
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -224,7 +238,7 @@ def send_sync(
     """Send a Fivetran sync_end webhook for a connector, signed with the webhook secret
     (POSTLOAD_FIVETRAN_WEBHOOK_SECRET or the Secret block on PREFECT_API_URL), as Fivetran
     does after a sync."""
-    from postload.local_stack import send_sync_end
+    from postload.local.stack import send_sync_end
 
     settings = Settings()
     try:
@@ -259,7 +273,7 @@ def receiver(
     postload-fivetran-webhook-secret). Stops gracefully on SIGTERM or Ctrl-C."""
     from prefect.settings import get_current_settings
 
-    from postload.receiver import serve
+    from postload.fivetran.receiver import serve
 
     settings = Settings()
     api = get_current_settings().api
@@ -291,7 +305,7 @@ def cloud_webhook_template() -> None:
     """Print the Prefect Cloud webhook template (Jinja) that turns Fivetran webhooks into the
     events the receiver emits: prefect cloud webhook create fivetran --template
     "$(postload cloud-webhook-template)". Cloud checks no signature and picks its own event ids."""
-    from postload.fivetran import cloud_webhook_template as template
+    from postload.fivetran.webhook import cloud_webhook_template as template
 
     typer.echo(template(), nl=False)
 
@@ -321,7 +335,7 @@ def serve(
     would create them for a work pool."""
     from prefect.settings import PREFECT_API_URL
 
-    from postload.stack import ApiNotReadyError, serve_deployments
+    from postload.local.serve import ApiNotReadyError, serve_deployments
 
     _restore_ctrl_c()
     if not PREFECT_API_URL.value():
@@ -379,7 +393,7 @@ def blocks_register() -> None:
 def main() -> None:
     # A temporary local API (no PREFECT_API_URL) runs as the local stack's server does: analytics
     # off (the embedded default must work offline), task runs recorded in batches.
-    from postload.local_stack import use_local_server_settings
+    from postload.local.stack import use_local_server_settings
 
     use_local_server_settings()
     # The temporary local API (no PREFECT_API_URL) takes ~25 s to start on 2 cores; Prefect's

@@ -20,7 +20,7 @@ from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import yaml
 from pydantic import (
@@ -34,6 +34,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 # The Prefect Secret block the receiver reads the Fivetran webhook secret from when
 # POSTLOAD_FIVETRAN_WEBHOOK_SECRET is not set (``postload blocks register`` creates it).
@@ -118,7 +121,7 @@ class FivetranLoader(_Strict):
     """A Fivetran connector writes the raw table; postload only transforms after its syncs."""
 
     type: Literal["fivetran"]
-    # The receiver's pattern (postload.fivetran.FivetranId): an id it refuses could never trigger
+    # The receiver's pattern (postload.fivetran.webhook.FivetranId): an id it refuses could never trigger
     # this source, and a leading "-" reads as an option on a command line.
     connector_id: Annotated[
         str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
@@ -347,11 +350,11 @@ def _key_path(raw: dict, loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _expected(err: dict) -> str:
+def _expected(err: ErrorDetails) -> str:
     kind = err["type"]
     got = err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (check its spelling; see the documented keys in README)"
+        return "unknown key (check its spelling; see the documented keys in docs/configuration.md)"
     if kind == "missing":
         return "required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
@@ -473,7 +476,8 @@ class Settings(BaseSettings):
         from prefect.exceptions import ObjectNotFound
 
         try:
-            block = Secret.load(name, _sync=True)
+            # `_sync` is async_dispatch's keyword, missing from its type: the block, not a coroutine.
+            block = cast(Secret, Secret.load(name, _sync=True))  # type: ignore[call-arg]
         except ValueError as exc:
             if isinstance(exc.__cause__, ObjectNotFound):
                 raise missing("does not exist") from None

@@ -22,7 +22,7 @@ import duckdb
 import httpx
 import pytest
 
-from postload.local_stack import use_local_server_settings
+from postload.local.stack import use_local_server_settings
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # A run woken while another run of its deployment is in progress waits for it (ENQUEUE): the test
@@ -60,7 +60,26 @@ def assert_no_secret_in(path: Path) -> None:
     assert not leaked, f"{path.name} contains secret(s): {', '.join(leaked)}"
 
 
+# The test tiers. A test's tier is its explicit marker, else ``flows`` when it uses the session's
+# Prefect test server, else ``unit``. `make test-fast` runs the unit tier with no Prefect server
+# reachable, so a test that needs one and is not marked fails there instead of passing slowly.
+TIERS = {
+    "unit": "needs no Prefect server: plain functions, DuckDB, dbt, fakes at the HTTP layer",
+    "flows": "runs flows or calls the API on the session's Prefect test server",
+    "system": "starts real processes: the local stack, a served runner, a receiver process",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        item.add_marker("flows" if "prefect_server" in item.fixturenames else "unit")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for tier, meaning in TIERS.items():
+        config.addinivalue_line("markers", f"{tier}: {meaning}")
     config.addinivalue_line(
         "markers",
         "upstream_secret_leak(name, line, reason): a library outside postload prints the named "
@@ -176,7 +195,7 @@ DEMO_MODELS = {
 def land_and_load(home: PostloadHome, source: str, batch: int) -> None:
     """A sync: rows land in the raw table, nothing is transformed (as after a Fivetran sync)."""
     from postload.config import Settings
-    from postload.demo_data import write_demo_batch
+    from postload.local.demo_data import write_demo_batch
     from postload.warehouse._duckdb import DuckDBWarehouse
 
     write_demo_batch(home.stage, source, batch)
@@ -252,6 +271,7 @@ def slack() -> Iterator[FakeSlack]:
     thread.start()
     yield fake
     server.shutdown()
+    server.server_close()
     assert fake.protocol_errors == []
 
 

@@ -92,7 +92,7 @@ def test_failed_sync_event_becomes_a_slack_message(
 # raise_for_status(), whose message holds the whole URL, and the server logs that traceback:
 # a Slack error puts the webhook URL in the Prefect *server's* log (prefect 3.9.1,
 # prefect/blocks/notifications.py CustomWebhookNotificationBlock.anotify; not reported upstream
-# that I found). postload cannot change what the server logs; the README says so. Only that
+# that I found). postload cannot change what the server logs; docs/production.md says so. Only that
 # httpx line is exempt: the secret anywhere else in this test's output still fails it.
 @pytest.mark.upstream_secret_leak(
     name="fake Slack: webhook path",

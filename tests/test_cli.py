@@ -139,7 +139,7 @@ def test_plan_unknown_target_lists_sources_and_connector_ids(postload_home: Post
 
 
 def test_cloud_webhook_template_prints_the_packaged_template() -> None:
-    from postload.fivetran import cloud_webhook_template
+    from postload.fivetran.webhook import cloud_webhook_template
 
     result = runner.invoke(app, ["cloud-webhook-template"])
     assert result.exit_code == 0, result.output
@@ -167,7 +167,7 @@ def test_entry_point_gives_a_temporary_local_api_the_local_server_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from postload import cli
-    from postload.local_stack import LOCAL_SERVER_SETTINGS
+    from postload.local.stack import LOCAL_SERVER_SETTINGS
 
     for name in LOCAL_SERVER_SETTINGS:
         monkeypatch.delenv(name, raising=False)

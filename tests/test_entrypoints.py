@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
+from prefect.exceptions import ScriptError
 
+from postload.local.serve import DeploymentSpec, load_deployment_flow
 from tests.conftest import REPO
 
 DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
@@ -18,7 +21,7 @@ CREDENTIAL_PREFIXES = ("SNOWFLAKE_", "DBT_CLOUD_", "SLACK_", "PREFECT_API_KEY", 
 
 LOAD_FLOW = (
     "import json, sys; from prefect.flows import load_flow_from_entrypoint; "
-    "f = load_flow_from_entrypoint(sys.argv[1]); "
+    "f = load_flow_from_entrypoint(sys.argv[1], use_placeholder_flow=False); "
     "print(json.dumps({'name': f.name, 'params': sorted(f.parameters.properties)}))"
 )
 
@@ -62,3 +65,26 @@ def test_entrypoint_loads_without_credentials(
         p for p in loaded["params"] if p in deployment.get("parameters", {})
     ]
     assert set(deployment.get("parameters", {})) <= set(loaded["params"])
+
+
+def test_an_entrypoint_whose_import_fails_does_not_load(tmp_path: Path) -> None:
+    """No placeholder flow: a flow file that cannot import fails where it is loaded, not in a run."""
+    flow_file = tmp_path / "flows" / "broken.py"
+    flow_file.parent.mkdir()
+    flow_file.write_text(
+        "import postload_module_that_does_not_exist\n"
+        "from prefect import flow\n\n\n"
+        "@flow(name='broken')\ndef broken() -> None: ...\n"
+    )
+    spec = DeploymentSpec(
+        name="broken",
+        entrypoint="flows/broken.py:broken",
+        description=None,
+        tags=[],
+        parameters={},
+        triggers=[],
+        schedules=[],
+        concurrency_limit=None,
+    )
+    with pytest.raises(ScriptError, match="postload_module_that_does_not_exist"):
+        load_deployment_flow(tmp_path, spec)

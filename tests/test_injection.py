@@ -26,12 +26,12 @@ from typer.testing import CliRunner
 
 from postload.cli import app as postload_cli
 from postload.config import ConfigError, PipelineConfig, Selection, load_pipeline_config
-from postload.fivetran import FivetranWebhook
-from postload.sync import union_selection
+from postload.fivetran.webhook import FivetranWebhook
+from postload.plan import union_selection
 from postload.warehouse import _sql
 from postload.warehouse._snowflake import copy_sql
 from tests.conftest import PostloadHome
-from tests.test_receiver_hostile import SIGNATURE_HEADER, InProcessReceiver, hostile, sign
+from tests.fivetran.test_receiver_hostile import SIGNATURE_HEADER, InProcessReceiver, hostile, sign
 
 INJECTIONS = [
     "x; drop table raw.events; --",

@@ -42,12 +42,12 @@ from postload.blocks import (
 )
 from postload.cli import app as postload_cli
 from postload.config import ConfigError, PipelineConfig, Settings
-from postload.fivetran import SIGNATURE_HEADER
-from postload.receiver import JsonLogFormatter
+from postload.fivetran.receiver import JsonLogFormatter
+from postload.fivetran.webhook import SIGNATURE_HEADER
 from postload.warehouse._snowflake import SnowflakeWarehouse
 from tests.conftest import suite_secret
-from tests.test_receiver import free_port, wait_for_events
-from tests.test_receiver_hostile import InProcessReceiver, padded, sign
+from tests.fivetran.test_receiver import free_port, wait_for_events
+from tests.fivetran.test_receiver_hostile import InProcessReceiver, padded, sign
 
 # Distinctive values: nothing else in this project or its dependencies contains them.
 WEBHOOK_SECRET = suite_secret("leak canary: webhook_secret", "whsec-LEAKCANARY-webhook-7c1f0e5a")

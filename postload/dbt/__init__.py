@@ -1,72 +1,32 @@
 """dbt: build the selected work and report per-node results, on dbt Core or dbt Cloud.
 
-* ``CoreDbtRunner`` — dbt-core through prefect-dbt's ``PrefectDbtRunner`` (each node a Prefect
-  task with asset lineage). The embedded default, with dbt-duckdb.
-* ``CloudDbtRunner`` — a dbt Cloud job triggered through prefect-dbt's ``DbtCloudCredentials``,
-  with ``steps_override`` carrying the selection (or a per-source job), waited on, and its
-  ``run_results.json`` read back for per-node results.
+* ``DbtProject`` — the project read without building: manifest, the nodes a selection picks, the
+  models a build needs that do not exist yet.
+* ``open_dbt_runner`` — the runner the settings select:
+  dbt Core through prefect-dbt's ``PrefectDbtRunner`` (each node a Prefect task with asset
+  lineage; the embedded default, with dbt-duckdb), or a dbt Cloud job triggered through
+  prefect-dbt's ``DbtCloudCredentials``, with ``steps_override`` carrying the selection (or a
+  per-source job), waited on, and its ``run_results.json`` read back for per-node results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from postload.config import DbtRunnerKind, Selection, Settings, WarehouseKind
-from postload.warehouse import NodeResult
+from postload.dbt.project import DbtInvocationError, DbtProject
+from postload.dbt.results import DbtBuildError, DbtBuildResult, NodeResult
 
-__all__ = ["DbtBuildError", "DbtBuildResult", "DbtRunner", "NodeResult", "open_dbt_runner"]
-
-FAILED_STATUSES = frozenset({"error", "fail", "runtime error"})
-
-
-@dataclass(frozen=True)
-class DbtBuildResult:
-    selection: str
-    nodes: list[NodeResult] = field(default_factory=list)
-    invocation_id: str | None = None
-    # dbt Cloud run id / URL, or None for Core
-    run_id: int | None = None
-    run_url: str | None = None
-    message: str | None = None
-    # Core: the unique ids each `dbt retry` attempt re-ran (empty when nothing was retried)
-    retried: list[list[str]] = field(default_factory=list)
-
-    @property
-    def failed_nodes(self) -> list[NodeResult]:
-        return [n for n in self.nodes if n.status in FAILED_STATUSES]
-
-    @property
-    def nothing_selected(self) -> bool:
-        return not self.nodes
-
-    @property
-    def status(self) -> str:
-        if self.failed_nodes:
-            return "error"
-        if self.nothing_selected:
-            return "nothing_selected"
-        return "success"
-
-
-class DbtBuildError(RuntimeError):
-    """dbt ran but models or tests failed; the message names them. Not a transient failure."""
-
-    def __init__(self, result: DbtBuildResult) -> None:
-        self.result = result
-        names = ", ".join(
-            f"{n.name} ({n.status}: {_first_line(n.message)})" for n in result.failed_nodes
-        )
-        super().__init__(f"dbt build {result.selection} failed: {names or result.message}")
-
-
-def _first_line(message: str | None) -> str:
-    return (
-        (message or "").strip().splitlines()[0][:300]
-        if message and message.strip()
-        else "no message"
-    )
+__all__ = [
+    "DbtBuildError",
+    "DbtBuildResult",
+    "DbtInvocationError",
+    "DbtProject",
+    "DbtRunner",
+    "NodeResult",
+    "open_dbt_runner",
+]
 
 
 class DbtRunner(Protocol):

@@ -35,7 +35,7 @@ from prefect_dbt.cloud import DbtCloudCredentials
 from prefect_dbt.cloud.models import TriggerJobRunOptions
 
 from postload.config import Selection, Settings
-from postload.dbt import DbtBuildResult, NodeResult
+from postload.dbt.results import DbtBuildResult, NodeResult
 
 if TYPE_CHECKING:
     from prefect_dbt.cloud.clients import DbtCloudAdministrativeClient
@@ -407,6 +407,7 @@ class CloudDbtRunner:
                 )
             return result([], f"dbt Cloud run {run_id} succeeded but left no run_results.json")
         nodes = [node_from_run_result(r) for r in artifact.get("results") or []]
+        message: str | None
         if status == RunStatus.ERROR:
             message = f"dbt Cloud run {run_id} failed" + (
                 f": {run['status_message']}" if run.get("status_message") else ""

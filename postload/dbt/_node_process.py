@@ -7,9 +7,9 @@ task (the task engine, three state events, asset events, a result record, a log 
 it takes turns with dbt's own threads on one GIL: ~6 ms per node, ~3 s on a ~6 s 200-model
 build. A forked child has a GIL of its own: the dbt process only forwards it the dbt events
 prefect-dbt acts on (each node's start and end, and the log events at or above the level it
-forwards), pickled, and the child runs prefect-dbt's own callback on them (``_NodeEvents`` in
-``_core``), exactly as thread mode does in the dbt process. Measured side by side in
-bench/README.md (sessions 8 and 9).
+forwards), pickled, and the child runs prefect-dbt's own callback on them (``NodeEvents`` in
+``_prefect_dbt``), exactly as thread mode does in the dbt process. Measured side by side in
+docs/performance.md.
 
 Why fork and not Prefect's ``ProcessPoolTaskRunner``: its workers are spawned, so each imports
 Prefect (~1.8 s of CPU here) before its first task, and each node task blocks its worker while
@@ -113,8 +113,7 @@ class NodeTaskProcess:
         The child is forked when dbt begins running nodes, not before: every page the dbt process
         writes while a child shares it is copied first (copy-on-write), and parsing the project
         writes most of them. Forked before the parse, the demo's 11-node build took ~11,000 page
-        faults more than in thread mode, ~8,000 of them while parsing (bench/README.md, session
-        9). dbt fires ``ConcurrencyLine`` in the thread that invoked it, after parsing and
+        faults more than in thread mode, ~8,000 of them while parsing (docs/performance.md). dbt fires ``ConcurrencyLine`` in the thread that invoked it, after parsing and
         selecting and before it starts any node (``execute_with_hooks`` in
         dbt/task/runnable.py), and only when there are nodes to run: no thread of dbt's runs a
         node yet, and the fork is in the invoking thread, as before.
@@ -132,10 +131,14 @@ class NodeTaskProcess:
                 return
             for stream in (sys.stdout, sys.stderr):  # or the child writes the buffered text again
                 stream.flush()
+            pair: tuple[socket.socket, ...] = ()
             try:
-                ours, theirs = socket.socketpair()
+                pair = socket.socketpair()
+                ours, theirs = pair
                 pid = os.fork()
             except OSError as exc:  # a process or memory limit: threads still work
+                for end in pair:
+                    end.close()
                 logger.warning(
                     "cannot fork the process that records dbt node task runs (%s): "
                     "recording them in threads of this process instead",

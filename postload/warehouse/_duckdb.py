@@ -205,10 +205,12 @@ class DuckDBWarehouse:
         loaded_at = utcnow()
         con.execute("begin transaction")
         try:
-            (loaded,) = con.execute(
-                f"insert into {table} (record, _file, _loaded_at) {_RECORDS}",
-                {"path": _glob_literal(path), "file": name, "loaded_at": loaded_at},
-            ).fetchone()
+            (loaded,) = _single_row(
+                con.execute(
+                    f"insert into {table} (record, _file, _loaded_at) {_RECORDS}",
+                    {"path": _glob_literal(path), "file": name, "loaded_at": loaded_at},
+                )
+            )
             md5, lines, blank_free = fingerprint.result()
             parsed, bad = file_statistics(con, path, loaded, lines, blank_free)
             first_bad, first_error = None, None
@@ -303,9 +305,13 @@ class DuckDBWarehouse:
             )
             return {
                 s.name: Watermark(
-                    con.execute(
-                        latest_loaded_sql(self.pipeline.raw_schema, s.raw_table, s.loaded_at_field)
-                    ).fetchone()[0],
+                    _single_row(
+                        con.execute(
+                            latest_loaded_sql(
+                                self.pipeline.raw_schema, s.raw_table, s.loaded_at_field
+                            )
+                        )
+                    )[0],
                     covered.get(s.name),
                 )
                 for s in sources
@@ -319,11 +325,13 @@ class DuckDBWarehouse:
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self.connect() as con:
-            (value,) = con.execute(
-                f"select max(loaded_at) from {self.pipeline.ops_schema}.load_log "
-                "where source = ? and rows_loaded > 0 and status <> 'LOAD_FAILED'",
-                [source.name],
-            ).fetchone()
+            (value,) = _single_row(
+                con.execute(
+                    f"select max(loaded_at) from {self.pipeline.ops_schema}.load_log "
+                    "where source = ? and rows_loaded > 0 and status <> 'LOAD_FAILED'",
+                    [source.name],
+                )
+            )
         return value
 
 
@@ -369,9 +377,9 @@ def file_statistics(
         # early on, found without reading the whole file again.
         return lines, bad
     params = {"path": _glob_literal(path), "upto": _FIRST_LINES_CHECKED}
-    parsed, bad = con.execute(_STATS, params).fetchone()
+    parsed, bad = _single_row(con.execute(_STATS, params))
     if bad is None and parsed != loaded:
-        parsed, bad = con.execute(_STATS, {**params, "upto": None}).fetchone()
+        parsed, bad = _single_row(con.execute(_STATS, {**params, "upto": None}))
     return parsed, bad
 
 
@@ -379,7 +387,7 @@ def _first_bad_line_in_head(con: duckdb.DuckDBPyConnection, path: Path) -> tuple
     """The first line that is not a JSON object among the file's whole lines in its first 64 KiB.
 
     A malformed file usually shows a bad line early: parsing its first few hundred lines again
-    costs a fraction of reading the whole file again (bench/README.md, session 9). None when
+    costs a fraction of reading the whole file again (docs/performance.md). None when
     there is none there.
     """
     with path.open("rb") as fh:
@@ -392,14 +400,22 @@ def _first_bad_line_in_head(con: duckdb.DuckDBPyConnection, path: Path) -> tuple
         return None
     if not text:
         return None
-    _, bad = con.execute(_HEAD_STATS, {"text": text, "upto": None}).fetchone()
-    return bad  # type: ignore[no-any-return]
+    _, bad = _single_row(con.execute(_HEAD_STATS, {"text": text, "upto": None}))
+    return bad
+
+
+def _single_row(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
+    """The row of a statement that returns exactly one: an aggregate without group by, an
+    insert's count, a setting."""
+    row = cur.fetchone()
+    assert row is not None  # DuckDB's fetchone() is typed for any statement
+    return row
 
 
 @contextmanager
 def _setting(con: duckdb.DuckDBPyConnection, name: str, value: object) -> Iterator[None]:
     """A DuckDB setting for a while: settings are the database's, not the connection's."""
-    (before,) = con.execute(f"select current_setting('{name}')").fetchone()
+    (before,) = _single_row(con.execute(f"select current_setting('{name}')"))
     con.execute(f"set {name} = '{value}'")
     try:
         yield

@@ -79,7 +79,7 @@ def ops_ddl(ops: str, *, timestamp_type: str = "timestamp") -> list[str]:
 def pipeline_status_view(ops: str) -> str:
     """Per source: last load, rows, last transform and how long the data waited for it.
 
-    The seed's monitoring view, made to work on DuckDB and Snowflake alike (``datediff`` with a
+    The pipeline monitoring view, made to work on DuckDB and Snowflake alike (``datediff`` with a
     quoted part and window functions are common to both). ``load_to_transform_minutes`` measures
     the latest transform from the newest load it covered; ``awaiting_transform`` is true when rows
     have loaded since.

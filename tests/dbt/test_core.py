@@ -35,15 +35,9 @@ from prefect_dbt.core.runner import execute_dbt_node
 
 from postload.config import NodeTaskMode, Selection, load_pipeline_config
 from postload.dbt import DbtBuildResult, _core
-from postload.dbt._core import (
-    NODE_TASK_THREAD_PREFIX,
-    CoreDbtRunner,
-    _DbtSettings,
-    _FinishedNode,
-    _LiveSettingsContext,
-    _NodeTasks,
-)
-from postload.demo_data import DEMO_SOURCES, write_demo_batch
+from postload.dbt._core import NODE_TASK_THREAD_PREFIX, CoreDbtRunner
+from postload.dbt._prefect_dbt import DbtSettings, FinishedNode, LiveSettingsContext, NodeTasks
+from postload.local.demo_data import DEMO_SOURCES, write_demo_batch
 from postload.warehouse._duckdb import DuckDBWarehouse
 from tests.conftest import REPO, PostloadHome
 
@@ -68,7 +62,7 @@ def run_context() -> dict[str, Any]:
     """The context prefect-dbt serializes at the start of invoke(), as postload's runner has it."""
     live = SettingsContext.get()
     assert live is not None
-    with _LiveSettingsContext(profile=live.profile, settings=live.settings):
+    with LiveSettingsContext(profile=live.profile, settings=live.settings):
         return serialize_context()
 
 
@@ -85,7 +79,7 @@ def test_hydrating_the_node_task_context_reuses_the_live_settings(prefect_server
 
 
 def test_profiles_yml_is_resolved_only_when_it_has_prefect_templates(tmp_path: Path) -> None:
-    settings = _DbtSettings(project_dir=tmp_path, profiles_dir=tmp_path)
+    settings = DbtSettings(project_dir=tmp_path, profiles_dir=tmp_path)
     profiles = tmp_path / "profiles.yml"
     profiles.write_text("p:\n  outputs:\n    d:\n      path: \"{{ env_var('X') }}\"\n")
     with settings.resolve_profiles_yml() as resolved:
@@ -102,7 +96,7 @@ def test_a_node_dbt_never_finishes_does_not_keep_its_task_waiting(prefect_server
 
     @flow
     def start_a_node_task_and_finish() -> tuple[list[str], Any]:
-        tracker = _NodeTasks(contextvars.copy_context())
+        tracker = NodeTasks(contextvars.copy_context())
         task = Task(fn=execute_dbt_node, cache_policy=NO_CACHE, task_run_name="model never_done")
         tracker.start_task("model.demo.never_done", task)
         tracker.run_task_in_thread(
@@ -129,7 +123,7 @@ def test_node_tasks_record_their_upstream_node_and_a_task_run_each(prefect_serve
     """Node tasks run in the flow run's own context variables and get their upstream nodes as
     futures: each is still a task run of its own, with its upstream task run as wait_for."""
 
-    def run_node(tracker: _NodeTasks, node_id: str, upstream: list[str]) -> UUID:
+    def run_node(tracker: NodeTasks, node_id: str, upstream: list[str]) -> UUID:
         task = Task(fn=execute_dbt_node, cache_policy=NO_CACHE, task_run_name=f"model {node_id}")
         task_run_id = uuid7()
         tracker.start_task(node_id, task)
@@ -146,7 +140,7 @@ def test_node_tasks_record_their_upstream_node_and_a_task_run_each(prefect_serve
 
     @flow
     def two_nodes() -> tuple[UUID, UUID]:
-        tracker = _NodeTasks(contextvars.copy_context())
+        tracker = NodeTasks(contextvars.copy_context())
         upstream_id = run_node(tracker, "model.demo.a", [])
         tracker._threads[0].join(60)  # model.demo.a's state is set once its thread ends
         downstream_id = run_node(tracker, "model.demo.b", ["model.demo.a"])
@@ -170,7 +164,7 @@ def test_node_tasks_record_their_upstream_node_and_a_task_run_each(prefect_serve
 
 
 def test_a_finished_node_reads_as_the_state_it_stands_for(prefect_server: str) -> None:
-    """Upstream nodes reach wait_for as _FinishedNode: a completed one gives its result, a failed
+    """Upstream nodes reach wait_for as FinishedNode: a completed one gives its result, a failed
     one its exception, and the readiness check stops a dependent of a failed node."""
 
     ended: list[Any] = []  # returned states would decide the flow's own state
@@ -189,7 +183,7 @@ def test_a_finished_node_reads_as_the_state_it_stands_for(prefect_server: str) -
 
     ended_states()
     ok, failed = ended
-    finished_ok, finished_failed = _FinishedNode(ok), _FinishedNode(failed)
+    finished_ok, finished_failed = FinishedNode(ok), FinishedNode(failed)
 
     assert finished_ok.result() == 42
     assert finished_ok.state.result(raise_on_failure=False, _sync=True) == 42

@@ -9,7 +9,7 @@ import pytest
 
 from postload.config import Selection, Settings
 from postload.dbt._core import CoreDbtRunner
-from postload.demo_data import write_demo_batch
+from postload.local.demo_data import write_demo_batch
 from postload.warehouse._duckdb import DuckDBWarehouse
 from tests.conftest import PostloadHome
 

@@ -26,8 +26,8 @@ from prefect.types._datetime import now
 
 from flows.load_and_transform import load_and_transform
 from postload.config import UnknownSourceError
-from postload.demo_data import write_demo_batch
-from postload.pipeline import LoadVerificationError
+from postload.load import LoadVerificationError
+from postload.local.demo_data import write_demo_batch
 from tests.conftest import REPO, PostloadHome, land_and_load, make_home, sql
 
 EVENTS_MODELS = {"stg_events", "fct_daily_events"}

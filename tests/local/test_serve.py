@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
 
-from postload.stack import ApiNotReadyError, wait_for_api
-from tests.test_receiver import free_port
+from postload.local.serve import ApiNotReadyError, wait_for_api
+from tests.fivetran.test_receiver import free_port
 
 
 @dataclass

@@ -37,9 +37,9 @@ from prefect.client.schemas.filters import (
 )
 
 from postload.config import Settings
-from postload.demo_data import write_demo_batch
-from postload.orchestration import warehouse_writer
+from postload.local.demo_data import write_demo_batch
 from postload.warehouse._duckdb import DuckDBWarehouse
+from postload.writer import warehouse_writer
 from tests.conftest import (
     DEMO_MODELS,
     REPO,
@@ -50,7 +50,10 @@ from tests.conftest import (
     sql,
     suite_secret,
 )
-from tests.test_receiver import free_port
+from tests.fivetran.test_receiver import free_port
+
+# Starts real processes (a Prefect server, a served runner, a receiver): the system tier.
+pytestmark = pytest.mark.system
 
 SECRET = suite_secret("served: webhook secret", "whsec-served-8c41d2")
 DEPLOYMENT = "transform-on-sync"

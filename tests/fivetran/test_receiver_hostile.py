@@ -6,7 +6,7 @@ forwarder sends nothing but its rows (one test below forwards them to a fake ``/
 it), so "nothing recorded" is "nothing can reach Prefect". The lifespan (the background
 forwarder) is not started, so rows stay where the request put them.
 
-Every request is answered with the documented status (README "Fivetran webhooks"): 202 accepted,
+Every request is answered with the documented status (docs/fivetran-webhooks.md): 202 accepted,
 200 ``test_event``, 400 bad body, 401 bad or missing signature, 413 too large; never a 500. Each
 property says which status it expects from how its input was built, not from the code under test.
 """
@@ -31,8 +31,8 @@ import respx
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from postload.fivetran import SIGNATURE_HEADER, verify_signature
-from postload.receiver import MAX_BODY_BYTES, MAX_JSON_DEPTH, Receiver
+from postload.fivetran.receiver import MAX_BODY_BYTES, MAX_JSON_DEPTH, Receiver
+from postload.fivetran.webhook import SIGNATURE_HEADER, verify_signature
 from tests.conftest import hostile, suite_secret
 
 SECRET = suite_secret("hostile receiver: webhook secret", "whsec-hostile-41c7e9d0b2")
@@ -212,7 +212,7 @@ def encodings(body: dict[str, Any]) -> st.SearchStrategy[bytes]:
 
 
 def expected_event_name(body: dict[str, Any]) -> str:
-    """README's mapping table, restated: the oracle for what a valid body becomes."""
+    """docs/fivetran-webhooks.md's mapping table, restated: the oracle for what a valid body becomes."""
     if body["event"] == "sync_end":
         status = (body.get("data") or {}).get("status")
         return "fivetran.sync.succeeded" if status == "SUCCESSFUL" else "fivetran.sync.failed"
@@ -849,7 +849,7 @@ class DigestComparisons:
 @pytest.fixture
 def comparisons(monkeypatch: pytest.MonkeyPatch) -> DigestComparisons:
     recorder = DigestComparisons()
-    # postload.fivetran calls hmac.compare_digest through the module attribute.
+    # postload.fivetran.webhook calls hmac.compare_digest through the module attribute.
     monkeypatch.setattr(hmac, "compare_digest", recorder)
     return recorder
 

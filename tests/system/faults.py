@@ -1,6 +1,7 @@
 """Prove it under faults: a burst of signed webhooks, a receiver SIGKILL and a Prefect API outage.
 
-The real path, every part a separate process on loopback (bench/sync.py's pieces)::
+A system test, not a benchmark: CI runs ``make faults-quick`` and fails when an invariant does.
+The real path, every part a separate process on loopback (started with bench/sync.py's helpers)::
 
     signed POSTs ──> receiver (outbox) ──> fault proxy ──> Prefect API /events ──> trigger
         ──> transform-on-sync run (`postload serve`, talks to the API directly) ──> dbt (DuckDB)
@@ -25,9 +26,12 @@ On bench/sync.py's generated 20-source project (sources s0..s19, connectors conn
    by a successful transform, no load transformed twice. Exit 1 when an invariant fails.
 
 The Prefect server is a ``prefect_test_harness`` subprocess. Nothing leaves the machine. Work
-files go to ``bench/.work/faults-*`` (removed unless ``--keep``).
+files go to ``bench/.work/faults-*`` (git-ignored; removed unless ``--keep``).
 
-    .venv/bin/python bench/faults.py [--quick] [--outage 60] [--keep]
+    .venv/bin/python tests/system/faults.py [--quick] [--outage 60] [--keep]
+
+``make faults`` runs the full suite, ``make faults-quick`` the short one (what CI runs). Not named
+``test_*.py``: pytest does not collect it.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sync  # bench/sync.py: the served stack's helpers
+# bench/sync.py: the served stack's helpers (home, landing, processes). This suite gates CI, so a
+# change to those helpers must keep `make faults-quick` passing.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import sync
 
-ROOT = sync.ROOT
+ROOT = sync.ROOT  # the repository root
 EVENT = "fivetran.sync.succeeded"
 SETTLE_TIMEOUT = 1200.0
 ACTION_GRACE = 60.0
@@ -186,11 +192,11 @@ class Sync:
     sync_id: str
     body: bytes
     signature: str
-    event_id: str  # what the receiver must answer (postload.fivetran's deterministic id)
+    event_id: str  # what the receiver must answer (postload.fivetran.webhook's deterministic id)
 
 
 def new_sync(connector: str) -> Sync:
-    from postload.fivetran import FivetranWebhook, sign, sync_end_body, to_prefect_event
+    from postload.fivetran.webhook import FivetranWebhook, sign, sync_end_body, to_prefect_event
 
     sync_id = f"fault_{uuid.uuid4().hex}"
     body = sync_end_body(connector, sync_id=sync_id, created=datetime.now(UTC), group_id="bench")
@@ -686,7 +692,11 @@ class Faults:
                 accepted_syncs == all_syncs,
                 f"{len(accepted_syncs)}/{len(all_syncs)}",
             ),
-            ("answered event ids = postload.fivetran's", not wrong_ids, f"{len(wrong_ids)} differ"),
+            (
+                "answered event ids = postload.fivetran.webhook's",
+                not wrong_ids,
+                f"{len(wrong_ids)} differ",
+            ),
             (
                 "receiver drained (healthz)",
                 health.get("pending") == 0 and not pending,

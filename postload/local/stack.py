@@ -61,8 +61,9 @@ LOCAL_SERVER_SETTINGS: dict[str, str] = {
     # The event persister (the event feed, what /events/filter reads) writes every 20 events
     # inline, in the handler the run's events arrive through, or every 5 s: a demo build's ~40
     # events took two writes while dbt ran, and a lone sync event waited up to 5 s to be seen.
-    # Every second, up to 500 at a time: ~0.02 s less server CPU per demo build (bench/README.md,
-    # session 10). Triggers and automations read events before they are written: not delayed.
+    # Every second, up to 500 at a time: ~0.02 s less server CPU per demo build
+    # (docs/performance.md). Triggers and automations read events before they are written: not
+    # delayed.
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
 }
@@ -119,7 +120,7 @@ def send_sync_end(
     timeout: float = 10.0,
 ) -> httpx.Response:
     """POST a signed Fivetran ``sync_end`` webhook, as Fivetran does after a sync."""
-    from postload.fivetran import SIGNATURE_HEADER, sign, sync_end_body
+    from postload.fivetran.webhook import SIGNATURE_HEADER, sign, sync_end_body
 
     body = sync_end_body(
         connector_id, status=status, sync_id=sync_id or uuid4().hex, created=datetime.now(UTC)
@@ -386,7 +387,7 @@ class LocalStack:
         self._spawn("serve", argv, self.child_env())
 
     def _wait_for_runner(self) -> None:
-        from postload.stack import deployment_specs
+        from postload.local.serve import deployment_specs
 
         names = [spec.name for spec in deployment_specs(self._prefect_yaml)]
 

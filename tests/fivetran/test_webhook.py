@@ -24,7 +24,7 @@ from prefect.server.utilities.user_templates import (
 )
 from pydantic import ValidationError
 
-from postload.fivetran import (
+from postload.fivetran.webhook import (
     FivetranWebhook,
     cloud_webhook_template,
     signature_problem,
@@ -355,7 +355,7 @@ def test_events_without_sync_id_are_told_apart_by_created() -> None:
 # server renders user templates with (sandboxed Jinja, ChainableUndefined). A strict sandbox runs
 # too: it fails on any unguarded use of a missing key, whatever undefined policy Cloud uses.
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Real bodies: the live-captured sync_end above, its failure variant (data.reason as documented
 # by Fivetrex), sync_start in the same envelope without data, and Fivetran's documented

@@ -1,6 +1,6 @@
 """The Fivetran webhook protocol: signature, payload model, and the mapping to a Prefect event.
 
-Pure functions, no I/O, so the HTTP receiver (``postload.receiver``) stays a thin shell around
+Pure functions, no I/O, so the HTTP receiver (``postload.fivetran.receiver``) stays a thin shell around
 them and every rule here is unit-testable.
 
 * Signature: ``X-Fivetran-Signature-256`` is the hex HMAC-SHA256 of the *raw* request body keyed
@@ -243,10 +243,10 @@ def to_prefect_event(
     }
 
 
-CLOUD_WEBHOOK_TEMPLATE = "fivetran_cloud_webhook.json.j2"
+CLOUD_WEBHOOK_TEMPLATE = "cloud_webhook.json.j2"
 
 
 def cloud_webhook_template() -> str:
     """The Prefect Cloud webhook template (Jinja) that turns a Fivetran webhook body into the
     event ``to_prefect_event`` makes, ``id`` and ``occurred`` aside (Cloud sets those)."""
-    return files("postload").joinpath(CLOUD_WEBHOOK_TEMPLATE).read_text(encoding="utf-8")
+    return files("postload.fivetran").joinpath(CLOUD_WEBHOOK_TEMPLATE).read_text(encoding="utf-8")

@@ -26,11 +26,11 @@ from typing import Any
 import yaml
 
 from postload.config import Settings
-from postload.demo_data import write_demo_batch
-from postload.local_stack import LocalStack, StackError, free_port, port_is_free, send_sync_end
-from postload.orchestration import warehouse_writer
-from postload.pipeline import render_text_table, status_table
+from postload.local.demo_data import write_demo_batch
+from postload.local.stack import LocalStack, StackError, free_port, port_is_free, send_sync_end
+from postload.report import render_text_table, status_table
 from postload.warehouse import open_warehouse
+from postload.writer import warehouse_writer
 
 __all__ = ["FIVETRAN_SOURCES", "demo_settings", "run_demo"]
 
@@ -128,6 +128,7 @@ def _story(stack: LocalStack, settings: Settings, echo: Callable[[str], None]) -
         for batch, source in enumerate(FIVETRAN_SOURCES, start=1):
             rows = _fivetran_sync(settings, source, batch)
             echo(f"   connector demo_{source} synced {rows} rows into raw.{source}")
+        assert stack.webhook_secret is not None  # stack.start() resolved or created it
         for source in FIVETRAN_SOURCES:
             response = send_sync_end(stack.webhook_url, stack.webhook_secret, f"demo_{source}")
             echo(f"   POST sync_end for demo_{source} (signed) → {response.status_code}")

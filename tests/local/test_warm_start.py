@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, sys
 
-    from postload import _warm_start
+    from postload.local import _warm_start
 
     if __name__ == "__main__":
         # As `postload serve` does: the forkserver imports while this process does its own.

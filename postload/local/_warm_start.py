@@ -55,9 +55,12 @@ PRELOAD_MODULES: tuple[str, ...] = (
     "postload.config",
     "postload.dbt",
     "postload.dbt._core",
-    "postload.orchestration",
-    "postload.pipeline",
-    "postload.sync",
+    "postload.load",
+    "postload.plan",
+    "postload.report",
+    "postload.retries",
+    "postload.runs",
+    "postload.writer",
     "postload.freshness",
     "postload.warehouse",
     "postload.warehouse._duckdb",
@@ -136,7 +139,7 @@ def start_preloading() -> bool:
 
     # The forkserver imports these before it forks anything.
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["postload._warm_start_preload"]
+        ["postload.local._warm_start_preload"]
     )
     forkserver.ensure_running()
     return True
@@ -160,7 +163,7 @@ def install(*, warm_now: bool = True) -> bool:
 
     context = multiprocessing.get_context("forkserver")
     # A no-op when start_preloading() already set this and started the server.
-    context.set_forkserver_preload(["postload._warm_start_preload"])
+    context.set_forkserver_preload(["postload.local._warm_start_preload"])
     if not hasattr(flow_engine, "multiprocessing") or not hasattr(
         starter_direct, "run_flow_in_subprocess"
     ):  # pragma: no cover - Prefect changed shape; runs start the usual (slow) way

@@ -20,6 +20,7 @@ __all__ = [
     "ApiNotReadyError",
     "DeploymentSpec",
     "deployment_specs",
+    "load_deployment_flow",
     "serve_deployments",
     "served_flows",
     "wait_for_api",
@@ -68,6 +69,18 @@ def deployment_specs(prefect_yaml: Path) -> list[DeploymentSpec]:
     return specs
 
 
+def load_deployment_flow(root: Path, spec: DeploymentSpec) -> Any:
+    """The flow at a deployment's entrypoint, relative to ``root`` (the checkout).
+
+    An entrypoint that fails to import raises here: Prefect's placeholder flow, which would only
+    fail once a run starts, is never used.
+    """
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, _, func = spec.entrypoint.partition(":")
+    return load_flow_from_entrypoint(f"{root / path}:{func}", use_placeholder_flow=False)
+
+
 def served_flows(
     prefect_yaml: Path,
     *,
@@ -77,17 +90,15 @@ def served_flows(
     """Each deployment of ``prefect.yaml`` as (flow, ``Runner.add_flow`` keyword arguments)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.events import DeploymentEventTrigger
-    from prefect.flows import load_flow_from_entrypoint
     from prefect.schedules import Cron, Interval
 
     wanted = set(only) if only is not None else None
     root = prefect_yaml.resolve().parent
-    served = []
+    served: list[tuple[Any, dict[str, Any]]] = []
     for spec in deployment_specs(prefect_yaml):
         if wanted is not None and spec.name not in wanted:
             continue
-        path, _, func = spec.entrypoint.partition(":")
-        flow = load_flow_from_entrypoint(f"{root / path}:{func}")
+        flow = load_deployment_flow(root, spec)
         schedules = []
         for schedule in spec.schedules if with_schedules else []:
             active = schedule.get("active", True)
@@ -169,10 +180,10 @@ def serve_deployments(
     The flows are handed to the runner as objects (``Runner.add_flow``), so it starts each run
     from the flow in memory instead of ``python -m prefect.engine`` re-loading the entrypoint.
     With ``warm`` (the default) each run is forked from a process that has already imported
-    Prefect, dbt and postload (``postload._warm_start``) instead of a fresh interpreter. The API
+    Prefect, dbt and postload (``postload.local._warm_start``) instead of a fresh interpreter. The API
     may still be starting: the deployments are registered once it answers (``wait_for_api``).
     """
-    from postload import _warm_start
+    from postload.local import _warm_start
 
     if warm:
         # First: the forkserver's imports then overlap this process's own (flows, runner).

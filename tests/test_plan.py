@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from postload.config import PipelineConfig, Selection
-from postload.sync import pending_sources, plan_transform, union_selection
+from postload.plan import pending_sources, plan_transform, union_selection
 from postload.warehouse import Watermark
 
 PIPELINE = PipelineConfig.model_validate(

@@ -3,13 +3,8 @@ from __future__ import annotations
 import pytest
 
 from postload.config import PipelineConfig
-from postload.pipeline import (
-    LoadOutcome,
-    LoadVerificationError,
-    rejects_table,
-    render_text_table,
-    verify_load,
-)
+from postload.load import LoadOutcome, LoadVerificationError, rejects_table, verify_load
+from postload.report import artifact_key, render_text_table
 from postload.warehouse import FileLoadResult, LoadStatus
 
 EVENTS = PipelineConfig.model_validate(
@@ -80,3 +75,7 @@ def test_text_table_renders_none_as_blank() -> None:
     text = render_text_table([{"source": "events", "rows": 3, "status": None}])
     assert text.splitlines()[0].split() == ["source", "rows", "status"]
     assert text.splitlines()[2].split() == ["events", "3"]
+
+
+def test_artifact_keys_are_valid() -> None:
+    assert artifact_key("load-rejects", "Raw_Events") == "load-rejects-raw-events"

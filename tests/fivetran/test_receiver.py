@@ -1,6 +1,6 @@
 """The webhook receiver as a real process: signed requests in, Prefect events out.
 
-Each receiver is a ``python -c`` subprocess running ``postload.receiver.serve`` (or the
+Each receiver is a ``python -c`` subprocess running ``postload.fivetran.receiver.serve`` (or the
 ``postload receiver`` command) on a free loopback port with its own outbox file, forwarding to
 the session's Prefect test server (or to a closed port, to play an outage). Readiness is
 ``GET /healthz`` answering; arrival in Prefect is polled on ``POST /events/filter``; both are
@@ -31,10 +31,10 @@ import httpx
 import pytest
 from prefect.blocks.system import Secret
 
-from postload.receiver import Receiver
+from postload.fivetran.receiver import Receiver
 from tests.conftest import assert_no_secret_in, suite_secret
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POSTLOAD = Path(sys.executable).parent / "postload"
 SECRET = suite_secret("receiver: webhook secret", "whsec-itest-5d7e0c2a9b")
 HEADER = "X-Fivetran-Signature-256"
@@ -45,7 +45,7 @@ ARRIVAL_TIMEOUT = 60.0  # the server's event persister flushes every few seconds
 SERVE = """
 import os
 from pathlib import Path
-from postload.receiver import serve
+from postload.fivetran.receiver import serve
 serve(
     "127.0.0.1",
     int(os.environ["RECEIVER_PORT"]),
@@ -561,7 +561,7 @@ def test_event_refused_by_prefect_is_kept_aside(prefect_server: str, tmp_path: P
 
 
 def test_forward_batches_are_cut_by_size() -> None:
-    from postload.receiver import _cut_at_bytes
+    from postload.fivetran.receiver import _cut_at_bytes
 
     rows = [(str(i), "x" * 400) for i in range(5)]
     assert [r[0] for r in _cut_at_bytes(rows, 1000)] == ["0", "1"]

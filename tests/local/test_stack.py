@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from postload.config import Settings
-from postload.local_stack import _EPHEMERAL_PORTS, LOCAL_SERVER_SETTINGS, LocalStack, free_port
+from postload.local.stack import _EPHEMERAL_PORTS, LOCAL_SERVER_SETTINGS, LocalStack, free_port
 from tests.conftest import (
     REPO,
     PostloadHome,
@@ -32,6 +32,9 @@ from tests.conftest import (
     make_home,
     suite_secret,
 )
+
+# Starts real processes (a Prefect server, a served runner, a receiver): the system tier.
+pytestmark = pytest.mark.system
 
 POSTLOAD = str(Path(sys.executable).with_name("postload"))
 SECRET = suite_secret("local stack: webhook secret", "whsec-local-stack-51f0")
@@ -190,6 +193,7 @@ def models_built(api_url: str, flow_run_id: Any) -> set[str]:
 def test_stack_server_gets_postload_settings_and_the_environment_wins(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+
     batch = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"
     monkeypatch.setenv(batch, "7")
     monkeypatch.delenv("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", raising=False)

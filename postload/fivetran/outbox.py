@@ -1,0 +1,149 @@
+"""The receiver's outbox: a durable SQLite queue of Prefect events keyed by event id.
+
+The receiver commits each verified delivery here before answering 202, and its forwarder drains
+the rows to Prefect's ``/events``; a row is marked forwarded only on a 2xx.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Outbox", "OutboxCounts"]
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    pending: int
+    forwarded: int
+    rejected: int
+    oldest_pending_received_at: str | None
+
+
+class Outbox:
+    """A SQLite table of Prefect events keyed by event id: the receiver's durable queue.
+
+    WAL with ``synchronous=NORMAL``: a committed row survives a crash of this process (not
+    necessarily a power loss), and a commit costs no fsync, which keeps the ack path fast.
+    Not thread-safe: ``Receiver`` uses it from its event loop only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, so each statement is its own durable transaction
+        # and multi-statement ones are explicit.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("pragma journal_mode=wal")
+        self._db.execute("pragma synchronous=normal")
+        # Only this process writes; a lock held elsewhere (an operator's shell) must not stall the
+        # event loop for long: fail the request (Fivetran retries) rather than hang it.
+        self._db.execute("pragma busy_timeout=1000")
+        self._db.executescript(
+            """
+            create table if not exists outbox (
+                id text primary key,            -- the Prefect event id (deterministic)
+                event text not null,            -- the Prefect event, JSON
+                received_at text not null,      -- UTC ISO-8601
+                forwarded_at text,              -- set on a 2xx from POST /events
+                attempts integer not null default 0,
+                last_error text,
+                rejected_at text                -- set when the API refused the event itself (4xx)
+            );
+            create index if not exists outbox_pending on outbox (received_at)
+                where forwarded_at is null and rejected_at is null;
+            """
+        )
+
+    def record(self, event_id: str, event_json: str) -> bool:
+        """Store an event; False if that id is already stored (a redelivery)."""
+        return self.record_many([(event_id, event_json)])[0]
+
+    def record_many(self, events: list[tuple[str, str]]) -> list[bool]:
+        """Store ``(id, event_json)`` pairs in one transaction; per pair, False if a duplicate.
+
+        One commit for many rows is the group commit that keeps the ack path fast under load: a
+        commit costs far more than an insert.
+        """
+        now = _utcnow()
+        inserted = []
+        self._db.execute("begin immediate")
+        try:
+            for event_id, event_json in events:
+                cur = self._db.execute(
+                    "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",
+                    (event_id, event_json, now),
+                )
+                inserted.append(cur.rowcount == 1)
+        except BaseException:
+            self._db.execute("rollback")
+            raise
+        self._db.execute("commit")
+        return inserted
+
+    def pending(self, limit: int) -> list[tuple[str, str]]:
+        """The oldest events not yet forwarded (nor rejected): ``(id, event_json)``."""
+        return self._db.execute(
+            "select id, event from outbox where forwarded_at is null and rejected_at is null "
+            "order by received_at, id limit ?",
+            (limit,),
+        ).fetchall()
+
+    def _update_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._db.execute("begin")
+        try:
+            self._db.executemany(sql, rows)
+        except BaseException:
+            self._db.execute("rollback")
+            raise
+        self._db.execute("commit")
+
+    def mark_forwarded(self, ids: list[str]) -> None:
+        now = _utcnow()
+        self._update_many(
+            "update outbox set forwarded_at = ?, attempts = attempts + 1, last_error = null "
+            "where id = ?",
+            [(now, i) for i in ids],
+        )
+
+    def mark_failed(self, ids: list[str], error: str) -> None:
+        self._update_many(
+            "update outbox set attempts = attempts + 1, last_error = ? where id = ?",
+            [(error, i) for i in ids],
+        )
+
+    def mark_rejected(self, event_id: str, error: str) -> None:
+        self._update_many(
+            "update outbox set rejected_at = ?, attempts = attempts + 1, last_error = ? "
+            "where id = ?",
+            [(_utcnow(), error, event_id)],
+        )
+
+    def counts(self) -> OutboxCounts:
+        pending, forwarded, rejected, oldest = self._db.execute(
+            """
+            select count(*) filter (where forwarded_at is null and rejected_at is null),
+                   count(forwarded_at),
+                   count(rejected_at),
+                   min(received_at) filter (where forwarded_at is null and rejected_at is null)
+            from outbox
+            """
+        ).fetchone()
+        return OutboxCounts(pending, forwarded, rejected, oldest)
+
+    def prune(self, forwarded_before: datetime) -> int:
+        """Delete rows forwarded before ``forwarded_before``; pending and rejected rows stay."""
+        cur = self._db.execute(
+            "delete from outbox where forwarded_at is not null and forwarded_at < ?",
+            (forwarded_before.astimezone(UTC).isoformat(timespec="microseconds"),),
+        )
+        return cur.rowcount
+
+    def close(self) -> None:
+        self._db.close()

@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 # budget is too tight on a 2-core machine (~25 s measured).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test lint lock bench bench-quick faults faults-quick clean
+.PHONY: setup demo test test-fast lint lock bench bench-quick faults faults-quick clean
 
 $(BIN)/postload: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -30,15 +30,21 @@ demo: setup
 test: setup lint
 	$(BIN)/pytest -q
 
+## The edit-test loop: the unit tier only (no Prefect server; any API call fails fast), no lint.
+test-fast: setup
+	PREFECT_API_URL=http://127.0.0.1:9/api $(BIN)/pytest -q -m unit
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 ## Re-pin dependencies after editing pyproject.toml.
 lock: setup
 	$(BIN)/uv pip compile --quiet pyproject.toml --python-version 3.11 -o requirements.lock
 	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements-dev.lock
 
+## Benchmarks (bench/README.md): they report, they never fail a build; CI does not run them.
 bench: setup
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/orchestration.py
@@ -46,16 +52,19 @@ bench: setup
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/alerts.py
 
+## Smoke run of the loader and orchestration benchmarks (their ratios mean little at this size).
 bench-quick: setup
 	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/orchestration.py --quick
 
-## Prove it under faults: 1,000 signed webhooks, a receiver SIGKILL and a 60 s API outage (bench/faults.py).
+## Prove it under faults: 1,000 signed webhooks, a receiver SIGKILL and a 60 s API outage
+## (tests/system/faults.py, a system test: exit 1 when an invariant fails; tests/system/README.md).
 faults: setup
-	$(BIN)/python bench/faults.py
+	$(BIN)/python tests/system/faults.py
 
+## The short version CI runs (.ci/run): 200 deliveries, the SIGKILL, a 10 s outage.
 faults-quick: setup
-	$(BIN)/python bench/faults.py --quick
+	$(BIN)/python tests/system/faults.py --quick
 
 clean:
 	rm -rf .postload dbt_project/target dbt_project/logs

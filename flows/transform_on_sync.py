@@ -24,15 +24,23 @@ from postload.plan import TransformPlan, plan_transform
 from postload.report import publish_status, transform_on_sync_markdown
 from postload.retries import build_retry_options
 from postload.runs import record_build, supersede_waiting_runs
+from postload.sources import SourceTable, needs_manifest, source_tables
 from postload.warehouse import Warehouse, open_warehouse, utcnow
 from postload.writer import warehouse_writer
 
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(
-    warehouse: Warehouse, pipeline: PipelineConfig, project: DbtProject
+    warehouse: Warehouse,
+    pipeline: PipelineConfig,
+    tables: dict[str, list[SourceTable]],
+    project: DbtProject,
+    only: list[str] | None,
 ) -> TransformPlan | None:
-    return plan_transform(pipeline, warehouse.watermarks(pipeline.sources), project.model_names)
+    every_table = [t for source_tables in tables.values() for t in source_tables]
+    return plan_transform(
+        pipeline, tables, warehouse.watermarks(every_table), project.model_names, only=only
+    )
 
 
 @task(name="transform", cache_policy=NO_CACHE)
@@ -42,18 +50,31 @@ def transform(runner: DbtRunner, plan: TransformPlan, cause: str) -> DbtBuildRes
 
 @flow(name="transform-on-sync")
 def transform_on_sync(
-    connector_id: str | None = None, sync_id: str | None = None, reason: str = "sweep"
+    connector_id: str | None = None,
+    sync_id: str | None = None,
+    reason: str = "sweep",
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Build the dbt models downstream of every source with new data (none if nothing changed)."""
+    """Build the dbt models downstream of every table with new rows (none if nothing changed).
+
+    ``sources``: only these sources' pending tables (``postload transform SOURCE...``).
+    """
     logger = get_run_logger()
     settings = Settings()
     pipeline = settings.load_pipeline()
     if connector_id is not None and not pipeline.sources_for_connector(connector_id):
         return _unknown_connector(connector_id, sync_id, pipeline)
+    for name in sources or []:
+        pipeline.source(name)  # an unknown name fails here, listing the known ones
 
     warehouse = open_warehouse(settings, pipeline)
     runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
     project = DbtProject.from_settings(settings)
+    tables = source_tables(
+        pipeline,
+        project.manifest() if needs_manifest(pipeline) else None,
+        settings.pipeline_config_path,
+    )
     if reason != "sweep" and settings.sync_debounce_seconds:
         # A short debounce: syncs finishing together land in this run instead of a follow-up.
         time.sleep(settings.sync_debounce_seconds)
@@ -64,12 +85,13 @@ def transform_on_sync(
     with warehouse_writer(settings):
         warehouse.ensure_schema()
         for _ in range(settings.sync_max_rounds):
-            todo = plan(warehouse, pipeline, project)
+            todo = plan(warehouse, pipeline, tables, project, sources)
             if todo is None:
                 if not builds:
                     logger.info(
-                        "nothing to transform: no source has loaded rows since its last build "
-                        "(a sync that changed nothing, or a redelivered event)"
+                        "nothing to transform: every table's newest rows are covered by a "
+                        "successful build (a sync that changed nothing, a redelivered event, or "
+                        "rows an earlier build already covered)"
                     )
                 break
             started_at = utcnow()
@@ -84,6 +106,7 @@ def transform_on_sync(
                 started_at=started_at,
                 completed_at=utcnow(),
                 covers=todo.covers,
+                tables=todo.tables,
             )
             builds.append(
                 {"sources": todo.source_names, "selection": build.selection, "status": build.status}

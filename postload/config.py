@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -159,10 +159,25 @@ class Selection(_Strict):
 
 
 class SourceConfig(_Strict):
+    """One source postload transforms after it loads.
+
+    Two shapes. A *copy* source names its ``raw_table`` and ``stage``: postload loads the staged
+    files into ``<raw_schema>.<raw_table>`` itself. A source without ``raw_table`` is the dbt
+    source of that name as the dbt project declares it (``dbt_source``, default: the source's
+    name): its schema, database and tables, each table's ``loaded_at_field`` and its freshness are
+    read from the dbt manifest, the way a Fivetran connector's schema is described in dbt.
+    """
+
     name: Identifier
-    raw_table: Identifier
-    stage: Identifier = Field(
-        description="DuckDB: sub-folder of the stage root. Snowflake: the named stage in the raw schema."
+    raw_table: Identifier | None = Field(
+        default=None,
+        description="copy sources: the table in raw_schema the staged files load into; "
+        "without it, the source's tables are the dbt source's tables",
+    )
+    stage: Identifier | None = Field(
+        default=None,
+        description="copy sources: DuckDB: sub-folder of the stage root. Snowflake: the named "
+        "stage in the raw schema.",
     )
     file_format: Literal["json"] = "json"
     loader: CopyLoader | FivetranLoader = Field(default_factory=CopyLoader, discriminator="type")
@@ -170,18 +185,49 @@ class SourceConfig(_Strict):
         default=None, description="dbt source name; defaults to the source name"
     )
     selection: Selection | None = Field(
-        default=None, description="defaults to select: 'source:<dbt_source>+'"
+        default=None,
+        description="defaults to the changed tables' downstream work: "
+        "'source:<dbt_source>.<table>+' for each (or 'source:<dbt_source>+' with a raw_table)",
     )
     dbt_cloud_job_id: int | None = Field(default=None, gt=0)
     loaded_at_field: Identifier = Field(
         default="_loaded_at",
         description="raw-table column with each row's load time (Fivetran: _fivetran_synced); "
-        "its max is the source's freshness, the truth that decides what needs transforming",
+        "its max is the source's freshness, the truth that decides what needs transforming. "
+        "For a dbt-source-shaped source, each table's loaded_at_field in the dbt project wins.",
     )
+
+    @model_validator(mode="after")
+    def _copy_sources_name_table_and_stage(self) -> SourceConfig:
+        if self.loader.type == "copy":
+            missing = [key for key in ("raw_table", "stage") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(
+                    f"a copy source loads staged files into a table: expected {' and '.join(missing)} "
+                    "(or `loader: {type: fivetran, connector_id: ...}` for a source whose tables "
+                    "another tool writes)"
+                )
+        return self
 
     @property
     def dbt_source_name(self) -> str:
         return self.dbt_source or self.name
+
+    def copy_target(self) -> tuple[str, str]:
+        """``(raw_table, stage)``: where this source's staged files load; a clear error for a
+        source without them (its tables are written by another tool, such as Fivetran)."""
+        if self.raw_table is None or self.stage is None:
+            raise NotACopySourceError(
+                f"source {self.name!r} has no raw_table and stage, so there are no staged files "
+                "to load: its tables are the dbt source's, written by its loader "
+                f"({self.loader.type}); transform-on-sync builds them after each sync"
+            )
+        return self.raw_table, self.stage
+
+    @property
+    def tables_from_dbt(self) -> bool:
+        """True when the source's tables are the dbt source's, read from the manifest."""
+        return self.raw_table is None
 
     @property
     def effective_selection(self) -> Selection:
@@ -216,15 +262,39 @@ def parse_duration(value: object) -> timedelta:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def check_cron(value: str) -> str:
+    from cronsim import CronSim, CronSimError
+
+    try:
+        CronSim(value, datetime.now(UTC))
+    except (CronSimError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{value!r} is not a cron expression ({exc}): expected five fields, e.g. '0 6 * * *'"
+        ) from None
+    return value
+
+
 class FullRunConfig(_Strict):
-    """What full-run-when-fresh waits for. Unset limits come from each dbt source's freshness
-    block: ``warn_after`` is the allowed staleness, ``error_after`` the alert deadline."""
+    """The opt-in full build: what full-run-when-fresh waits for, and how often it may build.
+
+    It builds only when every tracked source has loaded since the last full build and every one
+    is fresh. Unset limits come from each dbt source's freshness block: ``warn_after`` is the
+    allowed staleness, ``error_after`` the alert deadline.
+    """
 
     sources: list[Identifier] | None = Field(
         default=None, description="tracked sources; defaults to every source"
     )
     stale_after: dict[Identifier, Duration] = Field(default_factory=dict)
     alert_after: dict[Identifier, Duration] = Field(default_factory=dict)
+    min_interval: Duration | None = Field(
+        default=None, description="at least this long between two full builds"
+    )
+    cron: Annotated[str, AfterValidator(check_cron)] | None = Field(
+        default=None,
+        description="at most one full build per period of this cron expression (UTC): after each "
+        "tick, the first time the sources allow it",
+    )
     dbt_cloud_job_id: int | None = Field(
         default=None, gt=0, description="dbt Cloud: the job that builds everything"
     )
@@ -235,7 +305,16 @@ class PipelineConfig(_Strict):
     raw_schema: Identifier = "raw"
     ops_schema: Identifier = "ops"
     sources: list[SourceConfig] = Field(min_length=1)
-    full_run: FullRunConfig = Field(default_factory=FullRunConfig)
+    # Opt-in: without a `full_run:` key the full-run-when-fresh flow builds nothing.
+    full_run: FullRunConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_full_run_opts_in(cls, data: object) -> object:
+        # `full_run:` with nothing under it opts in with the defaults, as `full_run: {}` does.
+        if isinstance(data, dict) and "full_run" in data and data["full_run"] is None:
+            return {**data, "full_run": {}}
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self) -> PipelineConfig:
@@ -246,7 +325,7 @@ class PipelineConfig(_Strict):
             seen.add(s.name)
         known = ", ".join(self.source_names)
         for key in ("sources", "stale_after", "alert_after"):
-            for name in getattr(self.full_run, key) or []:
+            for name in getattr(self.full_run, key, None) or []:
                 if name not in seen:
                     raise ValueError(
                         f"full_run.{key} names source {name!r}, which is not declared; "
@@ -279,6 +358,10 @@ class PipelineConfig(_Strict):
             if s.name == name:
                 return s
         raise UnknownSourceError(name, self.source_names)
+
+
+class NotACopySourceError(ValueError):
+    """A load was asked of a source postload does not load (no raw_table and stage)."""
 
 
 class UnknownSourceError(KeyError):

@@ -1,8 +1,12 @@
 """Decide what a sync-triggered transform must build: from the warehouse, never from the event.
 
 Events (Fivetran ``sync_end`` webhooks, the load flow's own "loaded" events, the sweep schedule)
-only wake the transform up. What it builds comes from each source's watermark: rows loaded after
-the newest load a successful transform covered. So a redelivered webhook finds nothing pending,
+only wake the transform up. What it builds comes from each table's watermark: rows loaded after
+the newest one a successful transform covered. A source is one table (a copy source) or a dbt
+source's many tables (a Fivetran connector's schema); Fivetran's ``sync_end`` does not say which
+tables changed, but their watermarks do, so a sync that changed 2 of a connector's 20 tables
+builds what reads those 2 (``source:<src>.<table>+`` each), unless the source configures its own
+``selection``. So a redelivered webhook finds nothing pending,
 a burst of syncs collapses into one build, a sync that changed nothing builds nothing, and a lost
 webhook is caught by the next run or sweep — dbt's ``source_status:fresher+`` idea, kept in the
 warehouse instead of in ``sources.json`` files.
@@ -10,30 +14,60 @@ warehouse instead of in ``sources.json`` files.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
 from postload.config import PipelineConfig, Selection, SourceConfig
+from postload.sources import SourceTable
 from postload.warehouse import Watermark
+
+__all__ = [
+    "TransformPlan",
+    "pending_tables",
+    "plan_transform",
+    "source_selection",
+    "union_selection",
+]
 
 
 @dataclass(frozen=True)
 class TransformPlan:
     sources: list[SourceConfig]
-    # each source's latest load when the plan was made: what a successful build will cover
-    covers: dict[str, datetime]
+    # per source, per pending table: its newest row when the plan was made, which a successful
+    # build covers
+    tables: dict[str, dict[str, datetime]]
+    # per source: what its part of the build selects
+    selections: dict[str, Selection]
     selection: Selection
 
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    @property
+    def covers(self) -> dict[str, datetime]:
+        """Per source: the newest row of its pending tables."""
+        return {name: max(tables.values()) for name, tables in self.tables.items()}
 
-def pending_sources(
-    pipeline: PipelineConfig, watermarks: dict[str, Watermark]
-) -> list[SourceConfig]:
-    return [s for s in pipeline.sources if watermarks.get(s.name, Watermark(None, None)).pending]
+
+def pending_tables(
+    tables: dict[str, list[SourceTable]], watermarks: dict[tuple[str, str], Watermark]
+) -> dict[str, list[SourceTable]]:
+    """Per source with new rows: its tables with rows newer than the last build covered."""
+    pending = {
+        source: [t for t in source_tables if _mark(watermarks, t).pending]
+        for source, source_tables in tables.items()
+    }
+    return {source: ts for source, ts in pending.items() if ts}
+
+
+def source_selection(source: SourceConfig, pending: list[SourceTable]) -> Selection:
+    """The dbt work a source's pending tables need: its configured selection, else what reads
+    each pending table (a dbt source's tables), else ``source:<dbt_source>+``."""
+    if source.selection is not None or not source.tables_from_dbt:
+        return source.effective_selection
+    return Selection(select=" ".join(t.downstream for t in pending))
 
 
 def union_selection(
@@ -61,13 +95,34 @@ def union_selection(
 
 def plan_transform(
     pipeline: PipelineConfig,
-    watermarks: dict[str, Watermark],
+    tables: dict[str, list[SourceTable]],
+    watermarks: dict[tuple[str, str], Watermark],
     resolve_selector: Callable[[Selection], list[str]],
+    *,
+    only: Collection[str] | None = None,
 ) -> TransformPlan | None:
-    """The build covering every pending source, or None when nothing changed since the last one."""
-    pending = pending_sources(pipeline, watermarks)
-    if not pending:
+    """The build covering every pending table, or None when nothing changed since the last one.
+
+    ``only``: plan for these sources alone (the others stay pending for the next run).
+    """
+    pending = pending_tables(tables, watermarks)
+    sources = [
+        s for s in pipeline.sources if s.name in pending and (only is None or s.name in only)
+    ]
+    if not sources:
         return None
-    covers = {s.name: watermarks[s.name].latest_loaded_at for s in pending}
-    selection = union_selection([s.effective_selection for s in pending], resolve_selector)
-    return TransformPlan(pending, covers, selection)  # type: ignore[arg-type]
+    covered: dict[str, dict[str, datetime]] = {}
+    for s in sources:
+        covered[s.name] = {}
+        for t in pending[s.name]:
+            latest = _mark(watermarks, t).latest_loaded_at
+            assert latest is not None  # pending means it has rows
+            covered[s.name][t.table] = latest
+    selections = {s.name: source_selection(s, pending[s.name]) for s in sources}
+    return TransformPlan(
+        sources, covered, selections, union_selection(list(selections.values()), resolve_selector)
+    )
+
+
+def _mark(watermarks: dict[tuple[str, str], Watermark], table: SourceTable) -> Watermark:
+    return watermarks.get(table.key, Watermark(None, None))

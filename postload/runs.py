@@ -84,11 +84,13 @@ def record_build(
     started_at: datetime,
     completed_at: datetime,
     covers: Mapping[str, datetime | None],
+    tables: Mapping[str, Mapping[str, datetime | None]] | None = None,
 ) -> None:
-    """Record one dbt build for each source it was run for (``ops.transform_log``).
+    """Record one dbt build for each source it was run for (``ops.transform_runs``).
 
-    ``covers`` maps a source's name to the newest load the build covered: the next plan builds a
-    source again only for rows loaded after it.
+    ``covers`` maps a source's name to the newest load the build covered, ``tables`` each
+    source's tables to the newest row of each (``ops.transform_tables``): the next plan builds a
+    table again only for rows loaded after it.
     """
     flow_run_id = current_flow_run_id()
     for source in sources:
@@ -101,6 +103,7 @@ def record_build(
                 started_at=started_at,
                 completed_at=completed_at,
                 covers_loaded_at=covers.get(source.name),
+                tables=dict((tables or {}).get(source.name, {})),
             )
         )
 
@@ -114,6 +117,7 @@ def transform_record(
     started_at: datetime,
     completed_at: datetime,
     covers_loaded_at: datetime | None,
+    tables: dict[str, datetime | None] | None = None,
 ) -> TransformRecord:
     return TransformRecord(
         flow_run_id=flow_run_id,
@@ -127,4 +131,5 @@ def transform_record(
         nodes=build.nodes,
         invocation_id=build.invocation_id,
         message=build.message,
+        tables=tables or {},
     )

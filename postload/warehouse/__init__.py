@@ -23,6 +23,8 @@ from postload.warehouse._types import (
     Warehouse,
     WarehouseUnavailableError,
     Watermark,
+    as_utc,
+    naive_utc,
     utcnow,
 )
 
@@ -35,6 +37,8 @@ __all__ = [
     "Warehouse",
     "WarehouseUnavailableError",
     "Watermark",
+    "as_utc",
+    "naive_utc",
     "open_warehouse",
     "utcnow",
 ]

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import duckdb
 
@@ -24,12 +24,15 @@ from postload.warehouse._sql import (
     LOAD_LOG_COLUMNS,
     RUN_RESULT_COLUMNS,
     TRANSFORM_RUN_COLUMNS,
-    covered_sql,
+    TRANSFORM_TABLE_COLUMNS,
     insert_sql,
-    latest_loaded_sql,
+    last_build_sql,
+    missing_relation_rows,
     ops_ddl,
+    read_watermarks,
     transform_history_sql,
     transform_rows,
+    watermarks_sql,
 )
 from postload.warehouse._types import (
     FileLoadResult,
@@ -40,6 +43,9 @@ from postload.warehouse._types import (
     Watermark,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from postload.sources import SourceTable
 
 # Split a file into lines inside DuckDB (no per-line Python): line numbers are needed for
 # Snowflake-style first_error_line, and read_json's ignore_errors would drop bad lines silently.
@@ -124,6 +130,8 @@ class DuckDBWarehouse:
         with self.connect() as con:
             con.execute(f"create schema if not exists {raw}")
             for source in self.pipeline.sources:
+                if source.raw_table is None:
+                    continue  # a dbt source's tables belong to whoever loads them (Fivetran)
                 con.execute(
                     f"create table if not exists {raw}.{source.raw_table} "
                     "(record json, _file varchar, _loaded_at timestamp)"
@@ -132,7 +140,7 @@ class DuckDBWarehouse:
                 con.execute(statement)
 
     def stage_dir(self, source: SourceConfig) -> Path:
-        return self.stage_root / source.stage
+        return self.stage_root / source.copy_target()[1]
 
     def stage_location(self, source: SourceConfig) -> str:
         return str(self.stage_dir(source))
@@ -156,7 +164,7 @@ class DuckDBWarehouse:
         if not files:
             return []
         stage = self.stage_dir(source)
-        table = f"{self.pipeline.raw_schema}.{source.raw_table}"
+        table = f"{self.pipeline.raw_schema}.{source.copy_target()[0]}"
         log = f"{self.pipeline.ops_schema}.load_log"
         results: list[FileLoadResult] = []
         with self.connect() as con, ThreadPoolExecutor(1, "postload-read") as reader:
@@ -269,12 +277,16 @@ class DuckDBWarehouse:
 
     def record_transform(self, record: TransformRecord) -> None:
         ops = self.pipeline.ops_schema
-        run, nodes = transform_rows(record)
+        run, nodes, tables = transform_rows(record)
         with self.connect() as con:
             con.execute("begin transaction")
             con.execute(insert_sql(f"{ops}.transform_runs", TRANSFORM_RUN_COLUMNS), list(run))
             if nodes:
                 con.executemany(insert_sql(f"{ops}.dbt_run_results", RUN_RESULT_COLUMNS), nodes)
+            if tables:
+                con.executemany(
+                    insert_sql(f"{ops}.transform_tables", TRANSFORM_TABLE_COLUMNS), tables
+                )
             con.execute("commit")
 
     def pipeline_status(self) -> list[dict[str, Any]]:
@@ -292,36 +304,55 @@ class DuckDBWarehouse:
         return {(schema, name) for schema, name in rows}
 
     def watermarks(
-        self, sources: list[SourceConfig], *, selection: str | None = None
-    ) -> dict[str, Watermark]:
+        self, tables: list[SourceTable], *, selection: str | None = None
+    ) -> dict[tuple[str, str], Watermark]:
+        if not tables:
+            return {}
+        params = [selection, selection] if selection else []
         with self.connect() as con:
-            covered = dict(
-                con.execute(
-                    covered_sql(
-                        self.pipeline.ops_schema, selection_param="?" if selection else None
-                    ),
-                    [selection] if selection else [],
-                ).fetchall()
-            )
-            return {
-                s.name: Watermark(
-                    _single_row(
-                        con.execute(
-                            latest_loaded_sql(
-                                self.pipeline.raw_schema, s.raw_table, s.loaded_at_field
-                            )
-                        )
-                    )[0],
-                    covered.get(s.name),
+            try:
+                rows = con.execute(self._watermarks_sql(tables, selection), params).fetchall()
+                return read_watermarks(rows)
+            except duckdb.CatalogException:
+                # A table that does not exist yet (a connector that never synced it): ask the
+                # catalog which ones do, and read those.
+                existing = {
+                    (schema, name)
+                    for schema, name in con.execute(
+                        "select lower(table_schema), lower(table_name) "
+                        "from information_schema.tables"
+                    ).fetchall()
+                }
+            present, absent = missing_relation_rows(tables, existing)
+            marks = (
+                read_watermarks(
+                    con.execute(self._watermarks_sql(present, selection), params).fetchall()
                 )
-                for s in sources
-            }
+                if present
+                else {}
+            )
+        return {**{t.key: Watermark(None, None) for t in absent}, **marks}
+
+    def _watermarks_sql(self, tables: list[SourceTable], selection: str | None) -> str:
+        return watermarks_sql(
+            self.pipeline.ops_schema,
+            tables,
+            epoch_us=lambda expr: f"epoch_us({expr})",
+            selection_param="?" if selection else None,
+        )
 
     def transform_history(self, limit: int = 30) -> list[dict[str, Any]]:
         with self.connect() as con:
             cur = con.execute(transform_history_sql(self.pipeline.ops_schema, limit))
             columns = [d[0] for d in cur.description]
             return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+
+    def last_build_at(self, selection: str) -> datetime | None:
+        with self.connect() as con:
+            (value,) = _single_row(
+                con.execute(last_build_sql(self.pipeline.ops_schema, "?"), [selection])
+            )
+        return value
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self.connect() as con:

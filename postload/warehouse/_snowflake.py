@@ -26,11 +26,14 @@ from postload.warehouse._sql import (
     LOAD_LOG_COLUMNS,
     RUN_RESULT_COLUMNS,
     TRANSFORM_RUN_COLUMNS,
-    covered_sql,
-    latest_loaded_sql,
+    TRANSFORM_TABLE_COLUMNS,
+    last_build_sql,
+    missing_relation_rows,
     ops_ddl,
+    read_watermarks,
     transform_history_sql,
     transform_rows,
+    watermarks_sql,
 )
 from postload.warehouse._types import (
     FileLoadResult,
@@ -43,6 +46,8 @@ from postload.warehouse._types import (
 
 if TYPE_CHECKING:
     from prefect_snowflake import SnowflakeConnector
+
+    from postload.sources import SourceTable
 
 ConnectorFactory = Callable[[], "SnowflakeConnector"]
 
@@ -120,6 +125,10 @@ def insert_named_sql(table: str, columns: Sequence[str]) -> str:
         f"insert into {table} ({', '.join(columns)}) "
         f"values ({', '.join(f'%({c})s' for c in columns)})"
     )
+
+
+# Snowflake's "Object ... does not exist or not authorized" (SQL compilation error).
+_OBJECT_DOES_NOT_EXIST = 2003
 
 
 class CopyResultError(ValueError):
@@ -260,15 +269,16 @@ class SnowflakeWarehouse:
                 connector.fetch_all(statement)
 
     def stage_location(self, source: SourceConfig) -> str:
-        return f"@{self.pipeline.raw_schema}.{source.stage}"
+        return f"@{self.pipeline.raw_schema}.{source.copy_target()[1]}"
 
     def load(self, source: SourceConfig, flow_run_id: str | None) -> list[FileLoadResult]:
         raw = self.pipeline.raw_schema
-        table = f"{raw}.{source.raw_table}"
+        raw_table, stage = source.copy_target()
+        table = f"{raw}.{raw_table}"
         loaded_at = utcnow()
         with self._session(f"load {source.name}") as connector, self._transaction(connector):
             rows = connector.fetch_all(
-                copy_sql(raw, source.raw_table, source.stage),
+                copy_sql(raw, raw_table, stage),
                 {"loaded_at": loaded_at},
                 cursor_type=DictCursor,
             )
@@ -298,7 +308,7 @@ class SnowflakeWarehouse:
 
     def record_transform(self, record: TransformRecord) -> None:
         ops = self.pipeline.ops_schema
-        run, nodes = transform_rows(record)
+        run, nodes, tables = transform_rows(record)
         with self._session("record_transform") as connector, self._transaction(connector):
             connector.execute_many(
                 insert_named_sql(f"{ops}.transform_runs", TRANSFORM_RUN_COLUMNS),
@@ -308,6 +318,11 @@ class SnowflakeWarehouse:
                 connector.execute_many(
                     insert_named_sql(f"{ops}.dbt_run_results", RUN_RESULT_COLUMNS),
                     [dict(zip(RUN_RESULT_COLUMNS, node, strict=True)) for node in nodes],
+                )
+            if tables:
+                connector.execute_many(
+                    insert_named_sql(f"{ops}.transform_tables", TRANSFORM_TABLE_COLUMNS),
+                    [dict(zip(TRANSFORM_TABLE_COLUMNS, row, strict=True)) for row in tables],
                 )
 
     def pipeline_status(self) -> list[dict[str, Any]]:
@@ -327,24 +342,44 @@ class SnowflakeWarehouse:
         return {(schema, name) for schema, name in rows}
 
     def watermarks(
-        self, sources: list[SourceConfig], *, selection: str | None = None
-    ) -> dict[str, Watermark]:
+        self, tables: list[SourceTable], *, selection: str | None = None
+    ) -> dict[tuple[str, str], Watermark]:
+        if not tables:
+            return {}
+        params = {"selection": selection} if selection else None
         with self._session("watermarks") as connector:
-            if selection is None:
-                rows = connector.fetch_all(covered_sql(self.pipeline.ops_schema))
-            else:
-                rows = connector.fetch_all(
-                    covered_sql(self.pipeline.ops_schema, selection_param="%(selection)s"),
-                    {"selection": selection},
+            try:
+                return read_watermarks(
+                    connector.fetch_all(self._watermarks_sql(tables, selection), params)
                 )
-            covered = dict(rows)
-            result = {}
-            for s in sources:
-                rows = connector.fetch_all(
-                    latest_loaded_sql(self.pipeline.raw_schema, s.raw_table, s.loaded_at_field)
+            except sf_errors.ProgrammingError as exc:
+                if exc.errno != _OBJECT_DOES_NOT_EXIST:
+                    raise
+            # A table that does not exist yet (a connector that never synced it, or one the
+            # role cannot see): ask the catalog which ones exist, and read those.
+            existing = {
+                (schema, name)
+                for schema, name in connector.fetch_all(
+                    "select lower(table_schema), lower(table_name) from information_schema.tables"
                 )
-                result[s.name] = Watermark(rows[0][0] if rows else None, covered.get(s.name))
-        return result
+            }
+            present, absent = missing_relation_rows(tables, existing)
+            marks = (
+                read_watermarks(
+                    connector.fetch_all(self._watermarks_sql(present, selection), params)
+                )
+                if present
+                else {}
+            )
+        return {**{t.key: Watermark(None, None) for t in absent}, **marks}
+
+    def _watermarks_sql(self, tables: list[SourceTable], selection: str | None) -> str:
+        return watermarks_sql(
+            self.pipeline.ops_schema,
+            tables,
+            epoch_us=lambda expr: f"date_part(epoch_microsecond, {expr})",
+            selection_param="%(selection)s" if selection else None,
+        )
 
     def transform_history(self, limit: int = 30) -> list[dict[str, Any]]:
         with self._session("transform_history") as connector:
@@ -352,6 +387,13 @@ class SnowflakeWarehouse:
                 transform_history_sql(self.pipeline.ops_schema, limit), cursor_type=DictCursor
             )
         return [{k.lower(): _plain(v) for k, v in row.items()} for row in rows]
+
+    def last_build_at(self, selection: str) -> datetime | None:
+        with self._session("last_build_at") as connector:
+            rows = connector.fetch_all(
+                last_build_sql(self.pipeline.ops_schema, "%(selection)s"), {"selection": selection}
+            )
+        return _plain(rows[0][0]) if rows else None
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         with self._session(f"latest_load_at {source.name}") as connector:

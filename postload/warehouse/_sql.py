@@ -6,7 +6,15 @@ values always travel as bound parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
 from postload.config import check_identifier
+from postload.warehouse._types import TransformRecord, Watermark, naive_utc
+
+if TYPE_CHECKING:
+    from postload.sources import SourceTable
 
 # Column order matters: inserts bind positionally.
 LOAD_LOG_COLUMNS = (
@@ -52,6 +60,15 @@ TRANSFORM_RUN_COLUMNS = (
     "nodes_failed",
     "message",
 )
+TRANSFORM_TABLE_COLUMNS = (
+    "flow_run_id",
+    "source",
+    "table_name",
+    "selection",
+    "status",
+    "completed_at",
+    "covers_loaded_at",
+)
 
 
 def ops_ddl(ops: str, *, timestamp_type: str = "timestamp") -> list[str]:
@@ -72,6 +89,11 @@ def ops_ddl(ops: str, *, timestamp_type: str = "timestamp") -> list[str]:
             flow_run_id varchar, source varchar, selection varchar, runner varchar, status varchar,
             started_at {ts}, completed_at {ts}, covers_loaded_at {ts},
             nodes_ok bigint, nodes_failed bigint, message varchar)""",
+        # One row per table a build covered: a source's tables are watermarked one by one, so a
+        # sync that changed 2 of a connector's 20 tables builds what reads those 2.
+        f"""create table if not exists {ops}.transform_tables (
+            flow_run_id varchar, source varchar, table_name varchar, selection varchar,
+            status varchar, completed_at {ts}, covers_loaded_at {ts})""",
         pipeline_status_view(ops),
     ]
 
@@ -129,16 +151,20 @@ def insert_sql(table: str, columns: tuple[str, ...], placeholder: str = "?") -> 
     return f"insert into {table} ({', '.join(columns)}) values ({', '.join([placeholder] * len(columns))})"
 
 
-def transform_rows(record) -> tuple[tuple, list[tuple]]:  # record: TransformRecord
+def transform_rows(
+    record: TransformRecord,
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The rows of ``transform_runs``, ``dbt_run_results`` and ``transform_tables`` for one
+    build of one source; times as naive UTC, as the columns store them."""
     run = (
         record.flow_run_id,
         record.source,
         record.selection,
         record.runner,
         record.status,
-        record.started_at,
-        record.completed_at,
-        record.covers_loaded_at,
+        naive_utc(record.started_at),
+        naive_utc(record.completed_at),
+        naive_utc(record.covers_loaded_at),
         record.nodes_ok,
         record.nodes_failed,
         record.message,
@@ -154,34 +180,100 @@ def transform_rows(record) -> tuple[tuple, list[tuple]]:  # record: TransformRec
             n.name,
             n.resource_type,
             n.status,
-            n.started_at,
-            n.completed_at,
+            naive_utc(n.started_at),
+            naive_utc(n.completed_at),
             n.execution_time_s,
             n.rows_affected,
             n.message,
         )
         for n in record.nodes
     ]
-    return run, nodes
+    tables = [
+        (
+            record.flow_run_id,
+            record.source,
+            table,
+            record.selection,
+            record.status,
+            naive_utc(record.completed_at),
+            naive_utc(covers),
+        )
+        for table, covers in record.tables.items()
+    ]
+    return run, nodes, tables
 
 
-def latest_loaded_sql(raw: str, table: str, loaded_at_field: str) -> str:
-    return (
-        f"select max({check_identifier(loaded_at_field)}) "
-        f"from {check_identifier(raw)}.{check_identifier(table)}"
-    )
+def watermarks_sql(
+    ops: str,
+    tables: list[SourceTable],
+    *,
+    epoch_us: Callable[[str], str],
+    selection_param: str | None = None,
+) -> str:
+    """One statement for every table's watermark: its newest row and the newest a build covered.
 
-
-def covered_sql(ops: str, *, selection_param: str | None = None) -> str:
-    """The newest load each source's successful transforms covered (failed ones do not count).
-
-    With ``selection_param`` (the driver's placeholder), only transforms of one selection count:
-    the full build's, for full-run-when-fresh.
+    Each table's ``max(loaded_at_field)`` is read as microseconds since the epoch (``epoch_us``
+    renders the warehouse's function), which is what makes ``TIMESTAMP_TZ``, ``TIMESTAMP_LTZ``,
+    ``TIMESTAMP_NTZ`` (taken as UTC) and DuckDB's ``TIMESTAMP``/``TIMESTAMPTZ`` one comparable
+    type whatever the session's time zone. Coverage comes from ``transform_tables``; for tables
+    postload.yaml names, builds recorded before per-table bookkeeping (``transform_runs``) count
+    too. With ``selection_param`` (the driver's placeholder) only builds of that selection count.
     """
+    ops = check_identifier(ops)
     only = f"and selection = {selection_param} " if selection_param else ""
+    ok = "status in ('success', 'nothing_selected')"
+    latest = "\n    union all\n    ".join(
+        f"select '{check_identifier(t.source)}' as source, '{check_identifier(t.table)}' as "
+        f"table_name, {'true' if t.named_by_config else 'false'} as named_by_config, "
+        f"{epoch_us(f'max({check_identifier(t.loaded_at_field)})')} as latest_us "
+        f"from {t.relation}"
+        for t in tables
+    )
+    return f"""with latest as (
+    {latest}
+),
+table_covered as (
+    select source, table_name, max(covers_loaded_at) as covered
+    from {ops}.transform_tables where {ok} {only}group by source, table_name
+),
+source_covered as (
+    select source, max(covers_loaded_at) as covered
+    from {ops}.transform_runs where {ok} {only}group by source
+)
+select l.source, l.table_name, l.latest_us,
+       coalesce(t.covered, case when l.named_by_config then s.covered end) as covered
+from latest l
+left join table_covered t on t.source = l.source and t.table_name = l.table_name
+left join source_covered s on s.source = l.source"""
+
+
+def read_watermarks(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], Watermark]:
+    """``watermarks_sql``'s rows as watermarks (aware UTC)."""
+    return {
+        (source, table): Watermark(
+            None if latest_us is None else _EPOCH + timedelta(microseconds=int(latest_us)),
+            covered,
+        )
+        for source, table, latest_us, covered in rows
+    }
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def missing_relation_rows(
+    tables: list[SourceTable], existing: set[tuple[str, str]]
+) -> tuple[list[SourceTable], list[SourceTable]]:
+    """Split tables into those the warehouse has and those it does not (schema, name; any case)."""
+    present = [t for t in tables if (t.schema.lower(), t.identifier.lower()) in existing]
+    absent = [t for t in tables if (t.schema.lower(), t.identifier.lower()) not in existing]
+    return present, absent
+
+
+def last_build_sql(ops: str, placeholder: str) -> str:
     return (
-        f"select source, max(covers_loaded_at) from {check_identifier(ops)}.transform_runs "
-        f"where status in ('success', 'nothing_selected') {only}group by source"
+        f"select max(completed_at) from {check_identifier(ops)}.transform_runs "
+        f"where status = 'success' and selection = {placeholder}"
     )
 
 

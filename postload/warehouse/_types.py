@@ -3,14 +3,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from postload.config import SourceConfig
+
+if TYPE_CHECKING:
+    from postload.sources import SourceTable
 
 
 def utcnow() -> datetime:
     """Naive UTC: what DuckDB ``timestamp`` and Snowflake ``timestamp_ntz`` store alike."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Aware UTC, for comparing: a naive value (``TIMESTAMP``, ``TIMESTAMP_NTZ``, postload's own
+    bookkeeping) is taken as UTC; an aware one (``TIMESTAMPTZ``, ``TIMESTAMP_TZ``/``_LTZ``,
+    Fivetran's ``_fivetran_synced``) is converted."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def naive_utc(value: datetime | None) -> datetime | None:
+    """Naive UTC, for storing in postload's ``timestamp`` columns whatever the session's zone."""
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(UTC).replace(tzinfo=None)
 
 
 class LoadStatus(StrEnum):
@@ -69,6 +88,8 @@ class TransformRecord:
     completed_at: datetime
     covers_loaded_at: datetime | None
     nodes: list[NodeResult] = field(default_factory=list)
+    # per table of the source: the newest row the build covered (``ops.transform_tables``)
+    tables: dict[str, datetime | None] = field(default_factory=dict)
     invocation_id: str | None = None
     message: str | None = None
 
@@ -83,10 +104,14 @@ class TransformRecord:
 
 @dataclass(frozen=True)
 class Watermark:
-    """How fresh a source's raw table is, and how much of it the models have seen."""
+    """How fresh a table is, and how much of it the models have seen; both aware UTC."""
 
     latest_loaded_at: datetime | None
     covered_loaded_at: datetime | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latest_loaded_at", as_utc(self.latest_loaded_at))
+        object.__setattr__(self, "covered_loaded_at", as_utc(self.covered_loaded_at))
 
     @property
     def pending(self) -> bool:
@@ -133,12 +158,17 @@ class Warehouse(Protocol):
         ...
 
     def watermarks(
-        self, sources: list[SourceConfig], *, selection: str | None = None
-    ) -> dict[str, Watermark]:
-        """Per source: max of its loaded_at field, and the newest load a successful transform covered.
+        self, tables: list[SourceTable], *, selection: str | None = None
+    ) -> dict[tuple[str, str], Watermark]:
+        """Per table: the max of its loaded_at field, and the newest row a successful build
+        covered (of ``selection`` only, when given), all in one round trip to the warehouse.
 
-        The warehouse is the truth about what needs transforming; events only wake us up.
+        The warehouse is the truth about what needs transforming; events only wake us up. A
+        table that does not exist yet (a connector that never synced it) has no rows.
         """
+
+    def last_build_at(self, selection: str) -> datetime | None:
+        """When the last successful build of this selection ended."""
 
     def latest_load_at(self, source: SourceConfig) -> datetime | None:
         """When this source last loaded rows (from the load log)."""

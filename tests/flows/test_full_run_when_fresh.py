@@ -59,11 +59,32 @@ def test_one_full_build_per_fresh_generation(
     assert not again["built"] and again["reason"].startswith("nothing new"), again
     assert {name for name, _ in models_built(postload_home)} == ALL_MODELS
 
-    land(postload_home, "events", 2)  # a new generation: one source loaded again
+    land(postload_home, "events", 2)  # one source loading again is not a new generation
+    one_sync = full_run_when_fresh(reason="load")
+    assert not one_sync["built"]
+    assert one_sync["reason"].startswith("waiting for a load of customers, orders"), one_sync
+
+    land(postload_home, "customers", 2)
+    land(postload_home, "orders", 2)  # every source loaded again: a new generation
     second = full_run_when_fresh(reason="load")
     third = full_run_when_fresh(reason="load")
     assert second["built"] and not third["built"]
     assert models_built(postload_home) == [(m, 2) for m in sorted(ALL_MODELS)]
+
+
+def test_without_full_run_in_the_config_nothing_is_built_and_stale_sources_are_still_watched(
+    prefect_server: str, postload_home: PostloadHome, fresh_variable: None
+) -> None:
+    config = yaml.safe_load((postload_home.root / "postload.yaml").read_text())
+    config.pop("full_run", None)
+    (postload_home.root / "postload.yaml").write_text(yaml.safe_dump(config))
+    for source in ("customers", "events"):
+        land(postload_home, source, 1)
+
+    result = full_run_when_fresh(reason="sweep")
+    assert not result["built"] and result["reason"].startswith("full builds are off"), result
+    assert result["announced_stale"] == ["orders"]
+    assert sql(postload_home, "select count(*) from ops.transform_runs") == [(0,)]
 
 
 def test_a_never_loaded_source_blocks_and_is_announced_once(

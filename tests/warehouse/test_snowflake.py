@@ -644,3 +644,88 @@ def test_from_block_gives_each_operation_a_fresh_connector(
     # the template itself is never connected; the copies were, and were closed
     assert template._connection is None
     assert template._unique_cursors is None
+
+
+# -- watermarks: Fivetran's layout and types ----------------------------------------------------
+
+
+def test_watermarks_compare_fivetrans_timestamp_types_in_one_statement(
+    fake_snowflake: None, fakesnow_copy_gaps: CopyGaps, factory: CountingFactory
+) -> None:
+    """A connector's schema with TIMESTAMP_TZ (Fivetran's INSTANT), TIMESTAMP_LTZ and
+    TIMESTAMP_NTZ (taken as UTC) tables; one not synced yet. Each table's newest row arrives as
+    the same aware UTC instant, comparable with postload's own naive UTC bookkeeping."""
+    from datetime import UTC, datetime
+
+    from postload.sources import source_tables
+
+    pipeline = PipelineConfig.model_validate(
+        {
+            "sources": [
+                {"name": "salesforce", "loader": {"type": "fivetran", "connector_id": "sf"}},
+                *PIPELINE.model_dump()["sources"][:1],
+            ]
+        }
+    )
+    wh = SnowflakeWarehouse(factory, pipeline)
+    wh.ensure_schema()
+    with make_connector() as connector:
+        connector.fetch_all("create schema if not exists DB.SALESFORCE")
+        for table, kind in (
+            ("ACCOUNT", "timestamp_tz"),
+            ("OPPORTUNITY", "timestamp_ltz"),
+            ("CONTACT", "timestamp_ntz"),
+        ):
+            connector.fetch_all(
+                f"create table DB.SALESFORCE.{table} (id int, _fivetran_synced {kind})"
+            )
+        connector.fetch_all(
+            "insert into DB.SALESFORCE.ACCOUNT values (1, '2026-12-04 11:00:00+01:00'::timestamp_tz)"
+        )
+        connector.fetch_all(
+            "insert into DB.SALESFORCE.OPPORTUNITY values (1, '2026-12-04 10:00:00+00:00'::timestamp_ltz)"
+        )
+        connector.fetch_all(
+            "insert into DB.SALESFORCE.CONTACT values (1, '2026-12-04 10:00:00'::timestamp_ntz)"
+        )
+    manifest = {
+        "sources": {
+            f"source.p.salesforce.{t}": {
+                "source_name": "salesforce",
+                "name": t,
+                "database": "DB",
+                "schema": "SALESFORCE",
+                "identifier": t.upper(),
+                "loaded_at_field": "_fivetran_synced",
+            }
+            for t in ("account", "opportunity", "contact", "user")
+        }
+    }
+    tables = [t for ts in source_tables(pipeline, manifest).values() for t in ts]
+    present = [t for t in tables if t.table != "user"]
+    ten = datetime(2026, 12, 4, 10, 0, tzinfo=UTC)
+    marks = wh.watermarks(present)
+    assert {k: m.latest_loaded_at for k, m in marks.items() if k[0] == "salesforce"} == {
+        ("salesforce", "account"): ten,
+        ("salesforce", "opportunity"): ten,
+        ("salesforce", "contact"): ten,
+    }
+    # a build that covered 10:00 (recorded naive UTC) covers all three
+    from postload.dbt import DbtBuildResult
+    from postload.runs import record_build
+
+    record_build(
+        wh,
+        sources=[pipeline.source("salesforce")],
+        runner="core",
+        build=DbtBuildResult(selection="--select source:salesforce+"),
+        started_at=datetime(2026, 12, 4, 10, 1),
+        completed_at=datetime(2026, 12, 4, 10, 2),
+        covers={"salesforce": ten},
+        tables={"salesforce": dict.fromkeys(("account", "opportunity", "contact"), ten)},
+    )
+    assert not any(m.pending for k, m in wh.watermarks(present).items() if k[0] == "salesforce")
+    # a table Fivetran has not created yet: no rows, the others still read
+    with_missing = wh.watermarks(tables)
+    assert with_missing[("salesforce", "user")].latest_loaded_at is None
+    assert with_missing[("salesforce", "account")].latest_loaded_at == ten

@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python bench/receiver.py
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/alerts.py
+	$(BIN)/python bench/plan.py
 
 ## Smoke run of the loader and orchestration benchmarks (their ratios mean little at this size).
 bench-quick: setup

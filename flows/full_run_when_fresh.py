@@ -98,7 +98,7 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
                 for t in tracked
             },
         )
-        publish_status(warehouse)
+        publish_status(warehouse, tables)
     if build.status == "error":
         raise DbtBuildError(build)
     return {

@@ -15,12 +15,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from postload.config import Settings, SourceConfig
+from postload.config import PipelineConfig, Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
 from postload.load import LoadVerdict, rejects_table, verify_load
 from postload.report import artifact_key, load_and_transform_markdown, publish_status
 from postload.retries import build_retry_options, retry_options
 from postload.runs import current_flow_run_id, record_build
+from postload.sources import tables_for
 from postload.warehouse import FileLoadResult, Warehouse, open_warehouse, utcnow
 from postload.writer import warehouse_writer
 
@@ -78,12 +79,14 @@ def transform(runner: DbtRunner, source: SourceConfig, cause: str) -> DbtBuildRe
 
 
 @task(name="report-status", cache_policy=NO_CACHE)
-def report(warehouse: Warehouse) -> list[dict[str, Any]]:
-    return publish_status(warehouse)
+def report(
+    warehouse: Warehouse, settings: Settings, pipeline: PipelineConfig
+) -> list[dict[str, Any]]:
+    return publish_status(warehouse, tables_for(settings, pipeline))
 
 
 @flow(name="load-and-transform")
-def load_and_transform(source: str = "events") -> dict[str, Any]:
+def load_and_transform(source: str) -> dict[str, Any]:
     """Load one source's new files, verify, build its downstream dbt models, record the result."""
     settings = Settings()
     pipeline = settings.load_pipeline()
@@ -99,6 +102,7 @@ def load_and_transform(source: str = "events") -> dict[str, Any]:
             build = transform.with_options(**build_retry_options(settings))(
                 runner, src, cause=f"postload: load of {src.name} complete"
             )
+            covered = warehouse.latest_load_at(src)
             record_build(
                 warehouse,
                 sources=[src],
@@ -106,9 +110,10 @@ def load_and_transform(source: str = "events") -> dict[str, Any]:
                 build=build,
                 started_at=started_at,
                 completed_at=utcnow(),
-                covers={src.name: warehouse.latest_load_at(src)},
+                covers={src.name: covered},
+                tables={src.name: {src.copy_target()[0]: covered}},
             )
-        status = report(warehouse)
+        status = report(warehouse, settings, pipeline)
 
     create_markdown_artifact(
         key=artifact_key("load-and-transform", src.name),
@@ -129,4 +134,6 @@ def load_and_transform(source: str = "events") -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    load_and_transform()
+    import sys
+
+    load_and_transform(sys.argv[1])

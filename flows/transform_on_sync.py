@@ -114,7 +114,7 @@ def transform_on_sync(
             if build.status == "error":
                 raise DbtBuildError(build)
         if builds:
-            publish_status(warehouse)
+            publish_status(warehouse, tables)
     create_markdown_artifact(
         key="transform-on-sync",
         markdown=transform_on_sync_markdown(reason, builds),

@@ -7,11 +7,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from postload.config import ConfigError, PipelineConfig, Settings
+from postload.config import ConfigError, PipelineConfig, Selection, Settings, SourceConfig
 
 app = typer.Typer(
     help="postload: run dbt the moment data lands, only on what changed. "
@@ -25,6 +25,10 @@ automations_app = typer.Typer(
     help="Prefect automations that announce failures.", no_args_is_help=True
 )
 app.add_typer(automations_app, name="automations")
+schedules_app = typer.Typer(
+    help="Deployment schedules made from the pipeline config.", no_args_is_help=True
+)
+app.add_typer(schedules_app, name="schedules")
 
 SourceArg = Annotated[str, typer.Argument(help="a source name from the pipeline config")]
 SourceOrConnectorArg = Annotated[
@@ -60,15 +64,22 @@ def sources() -> None:
         )
         job = f", dbt Cloud job {s.dbt_cloud_job_id}" if s.dbt_cloud_job_id else ""
         typer.echo(
-            f"  {s.name:<12} {pipeline.raw_schema}.{s.raw_table:<14} loader={loader:<10} "
+            f"  {s.name:<12} {_where(s, pipeline):<24} loader={loader:<10} "
             f"dbt: {s.effective_selection.describe()}{job}"
         )
+
+
+def _where(source: SourceConfig, pipeline: PipelineConfig) -> str:
+    if source.raw_table is not None:
+        return f"{pipeline.raw_schema}.{source.raw_table}"
+    return f"dbt source {source.dbt_source_name}"
 
 
 @app.command()
 def plan(target: SourceOrConnectorArg) -> None:
     """Print the dbt selection and the nodes it would build, without building: for a source, or
-    for a Fivetran connector id (the union of the work of every source it loads)."""
+    for a Fivetran connector id (the union of the work of every source it loads). For a source
+    read from the dbt project, which of its tables have rows no build covered yet."""
     from postload.dbt import DbtInvocationError, DbtProject
     from postload.plan import union_selection
 
@@ -77,35 +88,79 @@ def plan(target: SourceOrConnectorArg) -> None:
     connector_sources = pipeline.sources_for_connector(target)
     try:
         if target in pipeline.source_names:
-            src = pipeline.source(target)
-            selection = src.effective_selection
-            typer.echo(f"source {src.name}: dbt build {selection.describe()}")
-            if connector_sources:
+            sources = [pipeline.source(target)]
+        elif connector_sources:
+            sources = connector_sources
+            typer.echo(f"connector {target}: sources {', '.join(s.name for s in sources)}")
+        else:
+            raise _fail(_unknown_target(target, settings, pipeline))
+        selections = _plan_selections(settings, pipeline, sources)
+        if len(sources) == 1:
+            typer.echo(f"source {sources[0].name}: dbt build {selections[0].describe()}")
+            if connector_sources and target in pipeline.source_names:
                 typer.secho(
                     f"  note: {target!r} is also a Fivetran connector id; "
                     "this is the plan for the source of that name",
                     fg="yellow",
                 )
-        elif connector_sources:
-            typer.echo(
-                f"connector {target}: sources {', '.join(s.name for s in connector_sources)}"
-            )
-            for src in connector_sources:
-                typer.echo(f"  {src.name}: {src.effective_selection.describe()}")
-            # The same union a sync-triggered transform builds in one dbt invocation.
-            selection = union_selection(
-                [s.effective_selection for s in connector_sources], project.model_names
-            )
-            typer.echo(f"dbt build {selection.describe()}")
+            selection = selections[0]
         else:
-            raise _fail(_unknown_target(target, settings, pipeline))
+            for src, sel in zip(sources, selections, strict=True):
+                typer.echo(f"  {src.name}: {sel.describe()}")
+            # The same union a sync-triggered transform builds in one dbt invocation.
+            selection = union_selection(selections, project.model_names)
+            typer.echo(f"dbt build {selection.describe()}")
         nodes = project.list_nodes(selection)
-    except DbtInvocationError as exc:
+    except (DbtInvocationError, ConfigError) as exc:
         raise _fail(str(exc)) from None
     if not nodes:
         typer.secho("  the selection matches no dbt nodes: nothing would be built", fg="yellow")
     for uid in nodes:
         typer.echo(f"  {uid}")
+
+
+def _plan_selections(
+    settings: Settings, pipeline: PipelineConfig, sources: list[SourceConfig]
+) -> list[Selection]:
+    """Each source's selection; for a source read from the dbt project, its tables' state (one
+    warehouse query) and the selection of the pending ones (all of them when none is pending)."""
+    from postload.plan import pending_tables, source_selection
+    from postload.sources import tables_for
+    from postload.warehouse import WarehouseUnavailableError, open_warehouse
+
+    if not any(s.tables_from_dbt for s in sources):
+        return [s.effective_selection for s in sources]
+    tables = tables_for(settings, pipeline)
+    mine = {s.name: tables[s.name] for s in sources if s.tables_from_dbt}
+    try:
+        warehouse = open_warehouse(settings, pipeline)
+        warehouse.ensure_schema()
+        marks = warehouse.watermarks([t for ts in mine.values() for t in ts])
+    except WarehouseUnavailableError as exc:
+        typer.secho(f"  which tables are pending is unknown: {exc}", fg="yellow")
+        marks = {}
+    pending = pending_tables(mine, marks)
+    selections = []
+    for src in sources:
+        if not src.tables_from_dbt:
+            selections.append(src.effective_selection)
+            continue
+        for t in mine[src.name]:
+            mark = marks.get(t.key)
+            state = (
+                "pending"
+                if mark is not None and mark.pending
+                else "no rows yet"
+                if mark is None or mark.latest_loaded_at is None
+                else "built"
+            )
+            typer.echo(f"  {src.name}.{t.table} ({t.relation}): {state}")
+        if src.name in pending:
+            selections.append(source_selection(src, pending[src.name]))
+        else:
+            typer.echo(f"  {src.name}: nothing pending; a change to every table would build:")
+            selections.append(source_selection(src, mine[src.name]))
+    return selections
 
 
 def _unknown_target(target: str, settings: Settings, pipeline: PipelineConfig) -> str:
@@ -142,15 +197,88 @@ def run(source: SourceArg) -> None:
 
 
 @app.command()
+def transform(
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[SOURCE]...",
+            help="only these sources from the pipeline config (default: every pending source)",
+        ),
+    ] = None,
+) -> None:
+    """Build now what is pending: the dbt work of every source (or of each SOURCE) with rows no
+    successful build covers, as transform-on-sync does, in this process. Re-runs a transform
+    that failed (a failed build covers nothing, so its sources stay pending) without waiting for
+    new data or the sweep. Exits 1 when a build fails."""
+    from postload.dbt import DbtBuildError
+
+    settings, pipeline = _settings_and_pipeline()
+    wanted = list(dict.fromkeys(sources or []))
+    unknown = [name for name in wanted if name not in pipeline.source_names]
+    if unknown:
+        raise _fail(
+            f"unknown source(s) {', '.join(map(repr, unknown))}: expected sources from "
+            f"{settings.pipeline_config_path} ({', '.join(pipeline.source_names)})"
+        )
+    transform_on_sync = _deployment_flow(settings, "transform-on-sync")
+    kwargs: dict[str, object] = {"reason": "manual"}
+    if wanted:
+        if "sources" not in transform_on_sync.parameters.properties:
+            raise _fail(
+                "this checkout's transform-on-sync flow takes no `sources` parameter: run "
+                "`postload transform` without sources to build every pending source"
+            )
+        kwargs["sources"] = wanted
+    try:
+        result = transform_on_sync(**kwargs)
+    except DbtBuildError as exc:
+        typer.secho(f"failed: {exc}", fg=typer.colors.RED, err=True)
+        typer.echo("its sources stay pending: fix the cause, then run `postload transform` again")
+        raise typer.Exit(code=1) from None
+    builds = result.get("builds") or []
+    if not builds:
+        scope = f" for {', '.join(wanted)}" if wanted else ""
+        typer.echo(f"nothing pending{scope}: every source's rows are covered by a successful build")
+    for build in builds:
+        typer.echo(
+            f"{', '.join(build['sources'])}: dbt build {build['selection']} → {build['status']}"
+        )
+
+
+def _deployment_flow(settings: Settings, name: str) -> Any:
+    """The flow of prefect.yaml's deployment ``name``, from its entrypoint in the checkout, as a
+    deployment runs it: the library never imports the flows/ package."""
+    from postload.local.serve import deployment_specs, load_deployment_flow
+
+    prefect_yaml = settings.project_dir / "prefect.yaml"
+    specs = [
+        s
+        for s in (deployment_specs(prefect_yaml) if prefect_yaml.is_file() else [])
+        if s.name == name
+    ]
+    if not specs:
+        raise _fail(
+            f"{prefect_yaml}: no {name} deployment (run from the postload checkout, or set "
+            "POSTLOAD_PROJECT_DIR to it)"
+        )
+    return load_deployment_flow(settings.project_dir, specs[0])
+
+
+@app.command()
 def status() -> None:
     """Print the pipeline_status view (per source: last load, last transform, latency)."""
-    from postload.report import render_text_table, status_table
+    from postload.report import pipeline_status, render_text_table, status_table
+    from postload.sources import tables_for
     from postload.warehouse import open_warehouse
 
     settings, pipeline = _settings_and_pipeline()
+    try:
+        tables = tables_for(settings, pipeline)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     warehouse = open_warehouse(settings, pipeline)
     warehouse.ensure_schema()
-    typer.echo(render_text_table(status_table(warehouse.pipeline_status())))
+    typer.echo(render_text_table(status_table(pipeline_status(warehouse, tables))))
 
 
 @app.command()
@@ -377,6 +505,43 @@ def automations_apply() -> None:
     )
     for applied in applied_automations:
         typer.echo(f"  {applied.name:<28} {applied.action} ({applied.id})")
+
+
+@schedules_app.command("apply")
+def schedules_apply(
+    prefect_yaml: Annotated[
+        Path, typer.Option(help="the deployments file the deployments were deployed from")
+    ] = Path("prefect.yaml"),
+) -> None:
+    """Set the schedules made from the pipeline config on the deployed deployments (idempotent):
+    load-and-transform hourly for each COPY source, with that source as the schedule's parameter,
+    none without one. Run it after `prefect deploy` and after changing the sources: prefect.yaml
+    cannot read postload.yaml, and `prefect deploy` keeps the schedules this sets."""
+    from prefect.settings import PREFECT_API_URL
+
+    from postload.local.serve import apply_copy_source_schedules, describe_schedule
+
+    if not PREFECT_API_URL.value():
+        raise _fail(
+            "PREFECT_API_URL is not set: the schedules are set on the Prefect server or Cloud "
+            "workspace the deployments are on"
+        )
+    if not prefect_yaml.is_file():
+        raise _fail(
+            f"{prefect_yaml}: not found (run from the postload checkout or pass --prefect-yaml)"
+        )
+    _, pipeline = _settings_and_pipeline()
+    try:
+        applied = apply_copy_source_schedules(prefect_yaml, pipeline)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if not applied:
+        typer.echo(f"{prefect_yaml}: no deployment has schedules made from the pipeline config")
+    for one in applied:
+        what = "replaced" if one.changed else "unchanged"
+        typer.echo(f"  {one.deployment:<28} {what}: {len(one.schedules)} schedule(s)")
+        for schedule in one.schedules:
+            typer.echo(f"    {describe_schedule(schedule)}")
 
 
 @blocks_app.command("register")

@@ -7,10 +7,13 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from postload.warehouse import naive_utc
+
 if TYPE_CHECKING:
     from postload.dbt import DbtBuildResult
     from postload.freshness import FullRunDecision
     from postload.load import LoadVerdict
+    from postload.sources import SourceTable
     from postload.warehouse import Warehouse
 
 
@@ -104,11 +107,40 @@ def latency_chart_markdown(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def publish_status(warehouse: Warehouse) -> list[dict[str, Any]]:
+def pipeline_status(
+    warehouse: Warehouse, tables: dict[str, list[SourceTable]] | None = None
+) -> list[dict[str, Any]]:
+    """The ``pipeline_status`` rows, with the sources postload does not load filled in.
+
+    The view knows what postload loaded (``ops.load_log``) and built. A Fivetran source writes no
+    load log: its last load is its tables' newest ``loaded_at_field`` (one watermark query), and
+    it awaits a transform when any table has rows no build covered.
+    """
+    rows = {row["source"]: row for row in warehouse.pipeline_status()}
+    if tables:
+        marks = warehouse.watermarks([t for ts in tables.values() for t in ts])
+        for source, source_tables in tables.items():
+            row = rows.get(source)
+            if row is not None and row.get("last_loaded_at") is not None:
+                continue  # postload loaded it: the load log says when
+            own = [marks[t.key] for t in source_tables if t.key in marks]
+            latest = max((m.latest_loaded_at for m in own if m.latest_loaded_at), default=None)
+            if latest is None and row is None:
+                continue  # never loaded, never built: nothing to show yet
+            row = row if row is not None else dict.fromkeys(STATUS_COLUMNS) | {"source": source}
+            row["last_loaded_at"] = naive_utc(latest)
+            row["awaiting_transform"] = any(m.pending for m in own)
+            rows[source] = row
+    return [rows[name] for name in sorted(rows)]
+
+
+def publish_status(
+    warehouse: Warehouse, tables: dict[str, list[SourceTable]] | None = None
+) -> list[dict[str, Any]]:
     """After every transform: the pipeline-status table and the latency chart, as artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    table = status_table(warehouse.pipeline_status())
+    table = status_table(pipeline_status(warehouse, tables))
     create_table_artifact(
         key="pipeline-status",
         table=table,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postload.config import ConfigError, PipelineConfig, SourceConfig, check_identifier
+from postload.config import ConfigError, PipelineConfig, Settings, SourceConfig, check_identifier
 
-__all__ = ["SourceTable", "needs_manifest", "source_tables"]
+__all__ = ["SourceTable", "needs_manifest", "source_tables", "tables_for"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,15 @@ class SourceTable:
 
 def needs_manifest(pipeline: PipelineConfig) -> bool:
     return any(s.tables_from_dbt for s in pipeline.sources)
+
+
+def tables_for(settings: Settings, pipeline: PipelineConfig) -> dict[str, list[SourceTable]]:
+    """Each source's tables, reading the dbt project's manifest only when a source needs it
+    (parsed again only when a project file is newer than it)."""
+    from postload.dbt import DbtProject
+
+    manifest = DbtProject.from_settings(settings).manifest() if needs_manifest(pipeline) else None
+    return source_tables(pipeline, manifest, settings.pipeline_config_path)
 
 
 def source_tables(

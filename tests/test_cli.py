@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -9,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from postload.cli import app
-from tests.conftest import PostloadHome
+from tests.conftest import REPO, PostloadHome, land_and_load
 
 runner = CliRunner()
 
@@ -35,7 +39,17 @@ COMMANDS = _all_commands()
 
 def test_the_cli_has_the_documented_commands() -> None:
     names = {" ".join(c) for c in COMMANDS}
-    assert {"demo", "stack", "send-sync", "serve", "receiver", "plan", "automations apply"} <= names
+    assert {
+        "demo",
+        "stack",
+        "send-sync",
+        "serve",
+        "receiver",
+        "plan",
+        "transform",
+        "automations apply",
+        "schedules apply",
+    } <= names
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "postload")
@@ -180,3 +194,160 @@ def test_entry_point_gives_a_temporary_local_api_the_local_server_settings(
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert os.environ["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"] == "1"
     assert os.environ["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "7"  # yours wins
+
+
+# --- postload transform ------------------------------------------------------------------------
+
+
+@dataclass
+class FakeFlow:
+    """transform-on-sync as the command loads it from its entrypoint: records its calls."""
+
+    result: dict[str, Any] = field(default_factory=lambda: {"builds": []})
+    error: Exception | None = None
+    params: tuple[str, ...] = ("connector_id", "sync_id", "reason", "sources")
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)  # the entrypoints it was loaded from
+
+    @property
+    def parameters(self) -> Any:
+        return SimpleNamespace(properties={name: {} for name in self.params})
+
+    def __call__(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(kwargs)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def fake_transform(postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch) -> FakeFlow:
+    shutil.copy(REPO / "prefect.yaml", postload_home.root / "prefect.yaml")
+    fake = FakeFlow()
+
+    def load_deployment_flow(root: Path, spec: Any) -> FakeFlow:
+        assert root == postload_home.root
+        fake.loaded.append(spec.entrypoint)
+        return fake
+
+    monkeypatch.setattr("postload.local.serve.load_deployment_flow", load_deployment_flow)
+    return fake
+
+
+def test_transform_builds_what_is_pending_in_this_process(fake_transform: FakeFlow) -> None:
+    fake_transform.result = {
+        "builds": [
+            {
+                "sources": ["orders", "events"],
+                "selection": "--select source:orders+ stg_events",
+                "status": "success",
+            }
+        ]
+    }
+    result = runner.invoke(app, ["transform"])
+    assert result.exit_code == 0, result.output
+    assert fake_transform.loaded == ["flows/transform_on_sync.py:transform_on_sync"]
+    assert fake_transform.calls == [{"reason": "manual"}]
+    assert result.output.splitlines() == [
+        "orders, events: dbt build --select source:orders+ stg_events → success"
+    ]
+
+
+def test_transform_with_nothing_pending_says_so(fake_transform: FakeFlow) -> None:
+    result = runner.invoke(app, ["transform"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("nothing pending:")
+
+
+def test_transform_only_the_named_sources(fake_transform: FakeFlow) -> None:
+    result = runner.invoke(app, ["transform", "orders", "events", "orders"])
+    assert result.exit_code == 0, result.output
+    assert fake_transform.calls == [{"reason": "manual", "sources": ["orders", "events"]}]
+    assert result.output.startswith("nothing pending for orders, events:")
+
+
+def test_transform_of_an_unknown_source_lists_the_known_ones(
+    fake_transform: FakeFlow, postload_home: PostloadHome
+) -> None:
+    result = runner.invoke(app, ["transform", "orders", "ordres"])
+    assert result.exit_code == 2
+    assert (
+        f"unknown source(s) 'ordres': expected sources from {postload_home.root / 'postload.yaml'} "
+        "(customers, orders, events)"
+    ) in " ".join(result.output.split())
+    assert fake_transform.loaded == []
+
+
+def test_transform_of_sources_needs_a_flow_that_takes_them(fake_transform: FakeFlow) -> None:
+    fake_transform.params = ("connector_id", "sync_id", "reason")
+    result = runner.invoke(app, ["transform", "orders"])
+    assert result.exit_code == 2
+    assert "takes no `sources` parameter" in result.output
+    assert fake_transform.calls == []
+    # without sources it runs
+    assert runner.invoke(app, ["transform"]).exit_code == 0
+
+
+def test_a_failed_build_fails_the_command(fake_transform: FakeFlow) -> None:
+    from postload.dbt import DbtBuildError, DbtBuildResult
+    from postload.warehouse import NodeResult
+
+    failed = NodeResult(
+        unique_id="model.postload_demo.fct_orders",
+        name="fct_orders",
+        resource_type="model",
+        status="error",
+        message="Binder Error: column x not found",
+    )
+    fake_transform.error = DbtBuildError(
+        DbtBuildResult(selection="--select source:orders+", nodes=[failed])
+    )
+    result = runner.invoke(app, ["transform"])
+    assert result.exit_code == 1
+    assert (
+        "failed: dbt build --select source:orders+ failed: fct_orders (error: Binder Error: "
+        "column x not found)"
+    ) in result.output
+    assert "run `postload transform` again" in result.output
+
+
+def test_transform_reruns_a_failed_transform_without_new_data(
+    prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The story the command is for: a build fails, nothing new lands, the fix is in: one
+    command builds the source that stayed pending, and then nothing is."""
+    monkeypatch.setenv("POSTLOAD_SYNC_DEBOUNCE_SECONDS", "0")
+    monkeypatch.setenv("POSTLOAD_RETRIES", "0")
+    shutil.copy(REPO / "prefect.yaml", postload_home.root / "prefect.yaml")
+    shutil.copytree(
+        REPO / "flows", postload_home.root / "flows", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    model = postload_home.root / "dbt_project" / "models" / "marts" / "fct_daily_events.sql"
+    good = model.read_text()
+    model.write_text("select no_such_column from {{ ref('stg_events') }}\n")
+    land_and_load(postload_home, "events", 1)
+
+    failed = runner.invoke(app, ["transform"])
+    assert failed.exit_code == 1, failed.output
+    assert "fct_daily_events" in failed.output
+
+    model.write_text(good)
+    fixed = runner.invoke(app, ["transform"])
+    assert fixed.exit_code == 0, fixed.output
+    [line] = [line for line in fixed.output.splitlines() if line.startswith("events: ")]
+    assert line.endswith("→ success"), line
+
+    again = runner.invoke(app, ["transform", "events"])
+    assert again.exit_code == 0, again.output
+    assert "nothing pending for events" in again.output
+
+
+def test_schedules_apply_needs_the_prefect_api(postload_home: PostloadHome) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = runner.invoke(
+            app, ["schedules", "apply", "--prefect-yaml", str(REPO / "prefect.yaml")]
+        )
+    assert result.exit_code == 2
+    assert "PREFECT_API_URL is not set" in result.output

@@ -29,10 +29,12 @@ from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+from typer.testing import CliRunner
 
 from postload.alerts import DEFAULT_HEARTBEAT_SECONDS
+from postload.cli import app
 from postload.config import Settings
-from tests.conftest import REPO
+from tests.conftest import REPO, PostloadHome
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 LOCAL_FILE = REPO / "prefect.yaml"
@@ -141,8 +143,9 @@ def assert_deployed_as_declared(
     assert deployment.pull_steps == pull_steps, name
     assert not deployment.paused, name
 
+    # `schedules: null` (the ones made from postload.yaml): `prefect deploy` creates none.
     assert sorted(schedule_key(s.schedule, s.active) for s in deployment.schedules) == sorted(
-        declared_schedule_key(s) for s in spec.get("schedules", [])
+        declared_schedule_key(s) for s in spec.get("schedules") or []
     ), name
 
     limit = spec.get("concurrency_limit")
@@ -243,7 +246,11 @@ def test_flow_runs_load_their_flow_from_the_checkout_in_postload_project_dir(
     starts in an empty folder, as the worker's runs do."""
     with get_client(sync_client=True) as client:
         flow_runs = [
-            client.create_flow_run_from_deployment(d.id) for d in deployed.deployments.values()
+            # load-and-transform has no default source: each run (or schedule) names one
+            client.create_flow_run_from_deployment(
+                d.id, parameters={"source": "events"} if d.name == "load-and-transform" else None
+            )
+            for d in deployed.deployments.values()
         ]
         try:
             result = subprocess.run(
@@ -260,6 +267,74 @@ def test_flow_runs_load_their_flow_from_the_checkout_in_postload_project_dir(
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == [{"flow": name, "cwd": str(REPO)} for name in deployed.deployments]
+
+
+def applied_schedules(client: SyncPrefectClient, name: str) -> list[tuple[Any, ...]]:
+    return sorted(
+        (
+            (schedule_key(s.schedule, s.active), s.parameters)
+            for s in client.read_deployment_schedules(read_deployment(client, name).id)
+        ),
+        key=repr,
+    )
+
+
+def test_schedules_apply_sets_one_load_per_copy_source_and_a_redeploy_keeps_them(
+    deployed: Deployed, prefect_server: str, postload_home: PostloadHome
+) -> None:
+    """`prefect deploy` cannot read postload.yaml: `postload schedules apply` sets
+    load-and-transform's schedules from it, idempotently, and the next `prefect deploy` (CI, on
+    every push to main) leaves them as they are."""
+    hourly = ("cron", "0 * * * *", True)
+    config_path = postload_home.root / "postload.yaml"
+    config = yaml.safe_load(config_path.read_text())
+
+    def configure(**loaders: str) -> None:
+        for source in config["sources"]:
+            if loaders.get(source["name"]) == "fivetran":
+                source["loader"] = {"type": "fivetran", "connector_id": f"conn_{source['name']}"}
+            else:
+                source["loader"] = {"type": "copy"}
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def apply() -> str:
+        result = CliRunner().invoke(app, ["schedules", "apply", "--prefect-yaml", str(LOCAL_FILE)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    with get_client(sync_client=True) as client:
+        assert applied_schedules(client, "load-and-transform") == []  # as deployed
+
+        configure(customers="fivetran")
+        output = apply()
+        assert "load-and-transform           replaced: 2 schedule(s)" in output
+        assert "    cron 0 * * * * source=orders" in output.splitlines()
+        expected = [(hourly, {"source": "events"}), (hourly, {"source": "orders"})]
+        assert applied_schedules(client, "load-and-transform") == expected
+        ids = {s.id for s in read_deployment(client, "load-and-transform").schedules}
+
+        assert "load-and-transform           unchanged: 2 schedule(s)" in apply()
+        assert {s.id for s in read_deployment(client, "load-and-transform").schedules} == ids
+
+        result = subprocess.run(
+            [PREFECT, "--no-prompt", "deploy", "--name", "load-and-transform"],
+            cwd=REPO,
+            env=cli_env(prefect_server),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=DEPLOY_TIMEOUT,
+        )
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        assert applied_schedules(client, "load-and-transform") == expected
+
+        configure(customers="fivetran", orders="fivetran", events="fivetran")
+        assert "load-and-transform           replaced: 0 schedule(s)" in apply()
+        assert applied_schedules(client, "load-and-transform") == []
+        # the other deployments' schedules are prefect.yaml's, untouched
+        assert applied_schedules(client, "transform-on-sync") == [
+            (("interval", timedelta(seconds=900), True), {})
+        ]
 
 
 FAKE_PREFECT_DOCKER = '''
@@ -373,6 +448,11 @@ def test_docker_file_declares_the_same_deployments_as_prefect_yaml() -> None:
             k: v for k, v in theirs.items() if k != "work_pool"
         }, ours["name"]
         assert theirs["work_pool"] == docker["definitions"]["work_pools"]["docker"]
+    # and the same schedules made from postload.yaml (`postload schedules apply`)
+    assert (
+        docker["definitions"]["copy_source_schedules"]
+        == local["definitions"]["copy_source_schedules"]
+    )
     assert docker["definitions"]["work_pools"]["docker"]["job_variables"]["image"] == (
         "{{ build-image.image }}"
     )

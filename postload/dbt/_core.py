@@ -56,10 +56,12 @@ class CoreDbtRunner:
         node_retries: int = 0,
         node_retry_delay_seconds: float = 0.0,
         node_task_mode: NodeTaskMode | None = None,
-        warehouse_is_duckdb: bool = False,
+        warehouse_is_duckdb: bool | None = None,
     ) -> None:
         self.project = DbtProject(project_dir, duckdb_path, target_path=target_path)
+        # None: not told (tests, benchmarks): the profile is checked against the DuckDB file only.
         self.warehouse_is_duckdb = warehouse_is_duckdb
+        self._profile_checked = False
         self._kept_open: duckdb.DuckDBPyConnection | None = None
         self.existing_relations = existing_relations
         self.node_retries = node_retries
@@ -69,7 +71,7 @@ class CoreDbtRunner:
     def _runner(self) -> PrefectDbtRunner:
         settings = DbtSettings(
             project_dir=self.project.project_dir,
-            profiles_dir=self.project.project_dir,
+            profiles_dir=self.project.profiles_dir(),
             target_path=self.project.target_path,
             log_level=DBT_EVENTS_TO_PREFECT_LOGS,
         )
@@ -121,8 +123,18 @@ class CoreDbtRunner:
         ):
             self._let_go_of_duckdb()
 
+    def check_profile(self) -> None:
+        """Refuse a profile that would not build in postload's warehouse (once per runner)."""
+        if not self._profile_checked:
+            self.project.check_profile(self.warehouse_is_duckdb, self.project.duckdb_path)
+            self._profile_checked = True
+
     def invoke(self, args: list[str]) -> Any:
-        """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run)."""
+        """Run a dbt command through PrefectDbtRunner (nodes become Prefect tasks in a flow run).
+
+        The project's packages are installed first when they are missing (``dbt deps``, once).
+        """
+        self.project.ensure_packages()
         try:
             with profile_env(self.project.duckdb_path):
                 return self._runner().invoke(args, log_level_file=DBT_LOG_FILE_LEVEL)
@@ -132,6 +144,9 @@ class CoreDbtRunner:
     def build(
         self, selection: Selection, *, cause: str, job_id: int | None = None
     ) -> DbtBuildResult:
+        # A profile pointing elsewhere would only fail later, on a missing raw schema.
+        self.check_profile()
+        self.project.ensure_packages()
         with self._one_duckdb_instance():
             return self._build(selection)
 

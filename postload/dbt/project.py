@@ -1,24 +1,59 @@
 """A dbt project as postload reads it, without building anything: its manifest, the nodes a
-selection picks, and the models a build needs that do not exist yet."""
+selection picks, the models a build needs that do not exist yet; and the user's dbt setup as dbt
+finds it: where ``profiles.yml`` is, the packages ``dbt deps`` installs, the profile's target."""
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import os
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from postload.config import Selection, Settings
-from postload.dbt._invocation import profile_env
+from postload.dbt._invocation import DUCKDB_PATH_ENV, profile_env
 
-__all__ = ["DbtInvocationError", "DbtProject"]
+__all__ = ["DbtInvocationError", "DbtProject", "ProfileTarget"]
+
+logger = logging.getLogger(__name__)
+
+# dbt's own variable for the folder holding profiles.yml (its --profiles-dir option reads it).
+PROFILES_DIR_ENV = "DBT_PROFILES_DIR"
+DEFAULT_PACKAGES_INSTALL_PATH = "dbt_packages"
+PACKAGE_LOCK_FILE = "package-lock.yml"  # what `dbt deps` writes (dbt.constants)
 
 
 class DbtInvocationError(RuntimeError):
     """dbt could not run at all (project fails to parse, unknown selector, bad profile)."""
+
+
+@dataclass(frozen=True)
+class ProfileTarget:
+    """The profile target dbt connects with for a project, rendered as dbt renders it."""
+
+    profiles_yml: Path
+    profile: str
+    target: str
+    type: str
+    # DuckDB: the database as the profile gives it (rendered; may be relative, ':memory:', 'md:…')
+    path: str | None
+
+    def describe(self) -> str:
+        return f"target {self.target!r} of profile {self.profile!r} in {self.profiles_yml}"
+
+    def duckdb_file(self) -> Path | None:
+        """The file a DuckDB target opens, as DuckDB resolves it in this process (None otherwise)."""
+        if self.type != "duckdb":
+            return None
+        # dbt-duckdb's default path is an in-memory database; a relative path is the process's.
+        return Path(self.path or ":memory:").expanduser().resolve()
 
 
 class DbtProject:
@@ -31,13 +66,235 @@ class DbtProject:
         self.project_dir = project_dir
         self.duckdb_path = duckdb_path
         self.target_path = target_path or project_dir / "target"
+        self._packages_ready = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DbtProject:
         return cls(settings.dbt_project_path, settings.duckdb_file)
 
+    # -- profiles.yml -----------------------------------------------------------------------
+
+    def _profiles_dir_candidates(self) -> tuple[Path, list[str]]:
+        """The folder dbt would read profiles.yml from, and the places looked in (for messages)."""
+        if env := os.environ.get(PROFILES_DIR_ENV):  # click ignores an empty variable: so do we
+            return Path(env), [f"{Path(env)} ({PROFILES_DIR_ENV})"]
+        looked = [f"{self.project_dir} (the dbt project; {PROFILES_DIR_ENV} is not set)"]
+        if (self.project_dir / "profiles.yml").is_file():
+            return self.project_dir, looked
+        home = Path.home() / ".dbt"
+        return home, [*looked, f"{home} (dbt's default)"]
+
+    def profiles_dir(self) -> Path:
+        """The folder holding the profiles.yml every dbt invocation of this project reads.
+
+        dbt's own order, with the project folder standing in for dbt's working directory (postload
+        runs dbt from wherever it runs, with ``--project-dir``): ``DBT_PROFILES_DIR`` when set,
+        else the project folder when it has a profiles.yml, else ``~/.dbt``. Raises
+        ``DbtInvocationError`` naming the places looked in when the chosen one has none.
+        """
+        chosen, looked = self._profiles_dir_candidates()
+        if not (chosen / "profiles.yml").is_file():
+            raise DbtInvocationError(
+                f"no dbt profiles.yml found for the dbt project {self.project_dir}: looked in "
+                + "; ".join(looked)
+                + ". Expected a profiles.yml defining the profile the project's dbt_project.yml "
+                "names (`profile:`), with a target for postload's warehouse: put it in the "
+                f"project folder or in ~/.dbt, or set {PROFILES_DIR_ENV} to the folder holding it"
+            )
+        return chosen
+
+    def profile_target(self, duckdb_path: Path | None = None) -> ProfileTarget:
+        """The profile target dbt will connect with, resolved and rendered with dbt's own code.
+
+        The same choices a dbt invocation makes: the profile named by ``DBT_PROFILE`` or the
+        project's ``profile:``, the target named by ``DBT_TARGET`` or the profile's ``target:``,
+        its values rendered (``env_var()``, with ``POSTLOAD_DUCKDB_PATH`` set as for every
+        invocation; Prefect block and variable placeholders resolved as prefect-dbt does). No
+        adapter is loaded and nothing connects.
+        """
+        profiles_dir = self.profiles_dir()
+        duckdb_path = duckdb_path or self.duckdb_path
+        profiles_yml = profiles_dir / "profiles.yml"
+        from postload.dbt._prefect_dbt import DbtSettings  # imports Prefect and dbt: ~1-2 s
+
+        settings = DbtSettings(project_dir=self.project_dir, profiles_dir=profiles_dir)
+        try:
+            with profile_env(duckdb_path), settings.resolve_profiles_yml() as resolved_dir:
+                # dbt keeps the environment env_var() reads in a context variable it sets per
+                # invocation: set here in a copy of the context, so nothing of it stays behind.
+                return contextvars.copy_context().run(
+                    _render_profile_target, self.project_dir, profiles_dir, Path(resolved_dir)
+                )
+        except DbtInvocationError:
+            raise
+        except Exception as exc:  # dbt's DbtProfileError, DbtProjectError, a missing env var, …
+            raise DbtInvocationError(
+                f"the dbt profile in {profiles_yml} could not be read for the dbt project "
+                f"{self.project_dir}: {exc}"
+            ) from exc
+
+    def check_profile(
+        self, warehouse_is_duckdb: bool | None, duckdb_path: Path | None = None
+    ) -> ProfileTarget:
+        """Refuse a profile target that would not build in postload's warehouse; return it.
+
+        A DuckDB target must open postload's warehouse file (``duckdb_path``, default this
+        project's), else dbt fails later reading the raw tables ("schema raw does not exist").
+        Its type must match the warehouse: DuckDB for a DuckDB warehouse, not DuckDB for
+        Snowflake. ``warehouse_is_duckdb=None`` (not known) checks only a DuckDB target's file.
+        """
+        duckdb_path = duckdb_path or self.duckdb_path
+        target = self.profile_target(duckdb_path)
+        if target.type == "duckdb" and warehouse_is_duckdb is False:
+            raise DbtInvocationError(
+                f"postload's warehouse is Snowflake (POSTLOAD_WAREHOUSE=snowflake) but the dbt "
+                f"{target.describe()} is a duckdb target (path {target.path!r}): dbt would build "
+                "in a DuckDB database while postload loads and reads Snowflake. Expected a "
+                "snowflake target: set the profile's `target:` (or DBT_TARGET) to one, or set "
+                "POSTLOAD_WAREHOUSE=duckdb"
+            )
+        if target.type != "duckdb" and warehouse_is_duckdb:
+            raise DbtInvocationError(
+                f"postload's warehouse is DuckDB ({duckdb_path}) but the dbt {target.describe()} "
+                f"is a {target.type} target: dbt would build outside the warehouse postload "
+                "loads. Expected a duckdb target whose path is "
+                f"\"{{{{ env_var('{DUCKDB_PATH_ENV}') }}}}\": set the profile's `target:` (or "
+                "DBT_TARGET) to one, or set POSTLOAD_WAREHOUSE to the warehouse this target uses"
+            )
+        profile_file = target.duckdb_file()
+        if profile_file is not None and profile_file != duckdb_path.resolve():
+            written = target.path or ":memory:"
+            # ':memory:', 'md:…' (MotherDuck), 's3://…': not a local file postload could use
+            is_file = written != ":memory:" and not re.match(r"[A-Za-z][\w+.-]+:", written)
+            shown = (
+                f"{written!r} ({profile_file})"
+                if is_file and not Path(written).expanduser().is_absolute()
+                else repr(written)
+            )
+            fixes = f"make the profile's path read \"{{{{ env_var('{DUCKDB_PATH_ENV}') }}}}\" "
+            fixes += "(postload sets it to the warehouse for every dbt run)"
+            if is_file:
+                fixes += f", or set {DUCKDB_PATH_ENV}={profile_file} so postload uses that file"
+            raise DbtInvocationError(
+                f"the dbt {target.describe()} opens the DuckDB database {shown}, but postload's "
+                f"warehouse is {duckdb_path} ({DUCKDB_PATH_ENV}, default "
+                "<POSTLOAD_HOME>/warehouse.duckdb): dbt would not find the raw tables postload "
+                f"loads. To fix it, {fixes}"
+            )
+        return target
+
+    # -- packages ---------------------------------------------------------------------------
+
+    def packages_install_path(self) -> Path:
+        """Where ``dbt deps`` installs this project's packages (``packages-install-path``)."""
+        try:
+            raw = yaml.safe_load((self.project_dir / "dbt_project.yml").read_text("utf-8"))
+            value = raw.get("packages-install-path") if isinstance(raw, dict) else None
+        except (OSError, ValueError, yaml.YAMLError):  # dbt reports an unreadable project itself
+            value = None
+        if not isinstance(value, str) or not value.strip():
+            return self.project_dir / DEFAULT_PACKAGES_INSTALL_PATH
+        if "{" in value:  # rendered as dbt renders dbt_project.yml (env_var, var)
+            try:
+                from dbt.config.renderer import DbtProjectYamlRenderer
+                from dbt_common.context import set_invocation_context
+
+                def render() -> Any:
+                    set_invocation_context(os.environ)
+                    return DbtProjectYamlRenderer(None, {}).render_value(value)
+
+                value = str(contextvars.copy_context().run(render))
+            except Exception:  # dbt's own error, from the invocation, says it better
+                return self.project_dir / DEFAULT_PACKAGES_INSTALL_PATH
+        return self.project_dir / value
+
+    def packages_missing(self) -> str | None:
+        """Why ``dbt deps`` must run before dbt can read this project, or None when it need not.
+
+        When packages.yml or dependencies.yml lists packages and package-lock.yml is missing,
+        was written for other packages (packages.yml changed since), or names a package whose
+        folder is missing from the install path (a fresh checkout commits the lock file, not the
+        packages). Whatever cannot be decided leaves it to dbt, which reports it.
+        """
+        from dbt.config.project import (
+            load_yml_dict,
+            package_and_project_data_from_root,
+            package_config_from_data,
+        )
+        from dbt.config.renderer import PackageRenderer
+        from dbt_common.context import set_invocation_context
+
+        try:
+            packages_data, specified_in = package_and_project_data_from_root(str(self.project_dir))
+        except Exception:  # malformed: dbt's own error says which file and key
+            return None
+        if not isinstance(packages_data, dict) or not packages_data.get("packages"):
+            return None
+        lock_path = self.project_dir / PACKAGE_LOCK_FILE
+        if not lock_path.is_file():
+            return f"{specified_in} lists packages and there is no {PACKAGE_LOCK_FILE}"
+        try:
+            lock = load_yml_dict(str(lock_path))
+        except Exception:
+            return f"{PACKAGE_LOCK_FILE} is not readable"
+        try:
+            from dbt.task.deps import _create_sha1_hash  # what `dbt deps` compares the lock with
+
+            def current_hash() -> str:
+                set_invocation_context(os.environ)
+                # dbt renders packages.yml, not dependencies.yml (DbtProjectYamlRenderer)
+                rendered = (
+                    PackageRenderer({}).render_data(packages_data)
+                    if specified_in == "packages.yml"
+                    else packages_data
+                )
+                return _create_sha1_hash(package_config_from_data(rendered, packages_data).packages)
+
+            if lock.get("sha1_hash") != contextvars.copy_context().run(current_hash):
+                return f"{specified_in} changed since {PACKAGE_LOCK_FILE} was written"
+        except Exception:  # dbt's internals moved: the folders below still tell
+            pass
+        install = self.packages_install_path()
+        entries = [p for p in lock.get("packages") or [] if isinstance(p, dict)]
+        names = [n for p in entries if isinstance(n := p.get("name"), str) and n]
+        if not names or len(names) < len(entries):
+            # A lock without package names: an empty install folder is all that can be told.
+            if not install.is_dir() or not any(install.iterdir()):
+                return f"{install} is empty"
+            return None
+        missing = [n for n in names if not (install / n / "dbt_project.yml").is_file()]
+        if missing:
+            return f"{install} lacks {', '.join(missing)}"
+        return None
+
+    def ensure_packages(self) -> bool:
+        """Run ``dbt deps`` once when the project's packages are not installed; whether it ran.
+
+        Checked once per instance (a few milliseconds): before the first parse, ls or build.
+        """
+        if self._packages_ready:
+            return False
+        why = self.packages_missing()
+        ran = False
+        if why is not None:
+            logger.info("installing the dbt project's packages (dbt deps): %s", why)
+            self._invoke_plain(["deps"], self.profiles_dir())
+            ran = True
+        self._packages_ready = True
+        return ran
+
+    # -- metadata commands ------------------------------------------------------------------
+
     def invoke_metadata(self, args: list[str]) -> Any:
-        """Run a dbt command that builds nothing (parse, ls) with plain dbt: no Prefect API needed."""
+        """Run a dbt command that builds nothing (parse, ls) with plain dbt: no Prefect API needed.
+
+        Installs the project's packages first when they are missing (``ensure_packages``).
+        """
+        profiles_dir = self.profiles_dir()
+        self.ensure_packages()
+        return self._invoke_plain(args, profiles_dir, "--target-path", str(self.target_path))
+
+    def _invoke_plain(self, args: list[str], profiles_dir: Path, *options: str) -> Any:
         with profile_env(self.duckdb_path):
             from dbt.cli.main import dbtRunner  # dbt-core takes ~1 s to import
 
@@ -47,9 +304,8 @@ class DbtProject:
                     "--project-dir",
                     str(self.project_dir),
                     "--profiles-dir",
-                    str(self.project_dir),
-                    "--target-path",
-                    str(self.target_path),
+                    str(profiles_dir),
+                    *options,
                     "--log-level",
                     "none",
                 ]
@@ -104,13 +360,22 @@ class DbtProject:
         return _read_manifest(path)
 
     def manifest(self) -> dict[str, Any]:
-        """The project's manifest, parsed again when any project file is newer than it."""
+        """The project's manifest, parsed again when any project file (or the profiles.yml dbt
+        reads, wherever it is) is newer than it."""
         path = self.target_path / "manifest.json"
-        if not path.is_file() or _newest_project_file(self.project_dir, self.target_path) > (
-            path.stat().st_mtime
-        ):
+        if not path.is_file() or self._newest_input() > path.stat().st_mtime:
             self.invoke_metadata(["parse"])
         return _read_manifest(path)
+
+    def _newest_input(self) -> float:
+        newest = _newest_project_file(
+            self.project_dir, self.target_path, self.packages_install_path()
+        )
+        profiles_dir, _ = self._profiles_dir_candidates()
+        try:
+            return max(newest, (profiles_dir / "profiles.yml").stat().st_mtime)
+        except OSError:  # none: the parse reports it
+            return newest
 
     def list_nodes(self, selection: Selection) -> list[str]:
         """Unique ids of the nodes a build of this selection would run (no building)."""
@@ -139,15 +404,62 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _newest_project_file(project_dir: Path, target_path: Path) -> float:
+def _newest_project_file(project_dir: Path, target_path: Path, packages_path: Path) -> float:
     newest = 0.0
     skip = {
         target_path.resolve(),
         (project_dir / "logs").resolve(),
-        (project_dir / "dbt_packages").resolve(),
+        (project_dir / DEFAULT_PACKAGES_INSTALL_PATH).resolve(),
+        packages_path.resolve(),
     }
     for root, dirs, files in os.walk(project_dir):
         dirs[:] = [d for d in dirs if (Path(root) / d).resolve() not in skip]
         for name in files:
             newest = max(newest, (Path(root) / name).stat().st_mtime)
     return newest
+
+
+def _render_profile_target(project_dir: Path, profiles_dir: Path, read_from: Path) -> ProfileTarget:
+    """The target a dbt invocation of this project picks, rendered by dbt (see profile_target).
+
+    Runs in a copy of the caller's context: it sets dbt's invocation context (its environment).
+    """
+    from dbt.cli.flags import args_to_context
+    from dbt.config.profile import Profile, read_profile
+    from dbt.config.project import load_raw_project
+    from dbt.config.renderer import ProfileRenderer
+    from dbt_common.context import set_invocation_context
+
+    # dbt's own command line resolves --profile/--target from DBT_PROFILE and DBT_TARGET.
+    params = args_to_context(
+        ["parse", "--project-dir", str(project_dir), "--profiles-dir", str(profiles_dir)]
+    ).params
+    set_invocation_context(os.environ)
+    renderer = ProfileRenderer(params.get("vars") or {})
+    raw_name = load_raw_project(str(project_dir)).get("profile")
+    name = Profile.pick_profile_name(
+        params.get("profile"), renderer.render_value(raw_name) if raw_name else None
+    )
+    raw_profiles = read_profile(str(read_from))
+    profiles_yml = profiles_dir / "profiles.yml"
+    if not raw_profiles:
+        raise DbtInvocationError(
+            f"{profiles_yml} defines no profiles (expected the profile {name!r})"
+        )
+    if name not in raw_profiles:
+        raise DbtInvocationError(
+            f"{profiles_yml} has no profile {name!r} (the profile the dbt project {project_dir} "
+            f"names); it has: {', '.join(sorted(str(p) for p in raw_profiles if p != 'config'))}"
+        )
+    raw_profile = raw_profiles[name]
+    if not isinstance(raw_profile, dict) or not raw_profile:
+        raise DbtInvocationError(f"the profile {name!r} in {profiles_yml} is empty")
+    target, data = Profile.render_profile(raw_profile, name, params.get("target"), renderer)
+    path = data.get("path")
+    return ProfileTarget(
+        profiles_yml=profiles_yml,
+        profile=name,
+        target=target,
+        type=str(data.get("type")),
+        path=None if path is None else str(path),
+    )

@@ -6,7 +6,8 @@
    (not ``~/.prefect``: the stack's history and concurrency slots stay with the checkout);
 2. ``postload receiver``: Fivetran webhooks in, Prefect events out; its secret comes from
    ``POSTLOAD_FIVETRAN_WEBHOOK_SECRET`` or the Secret block, and when neither exists the stack
-   creates the block with a random secret (printed once, so a person can sign test events);
+   creates the block with a random secret. The value is never printed: the banner says where it
+   is and the command that reads it (``postload send-sync`` reads it itself);
 3. ``postload serve``: every deployment of ``prefect.yaml`` with its triggers and schedules;
 4. the failure automations, when the Slack block exists (``postload blocks register``).
 
@@ -18,9 +19,11 @@ the server's workers): nothing outlives the stack.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -35,7 +38,7 @@ from uuid import uuid4
 
 import httpx
 
-from postload.config import ConfigError, Settings
+from postload.config import FIVETRAN_WEBHOOK_SECRET_ENV, ConfigError, Settings
 
 __all__ = ["LOCAL_SERVER_SETTINGS", "LocalStack", "StackError", "send_sync_end"]
 
@@ -430,22 +433,37 @@ class LocalStack:
 
     # --- for people ----------------------------------------------------------------------
 
+    def webhook_secret_lines(self) -> list[str]:
+        """Where the webhook secret is and how to read it; never the value."""
+        if self.webhook_secret_source == FIVETRAN_WEBHOOK_SECRET_ENV:
+            return [
+                f"  webhook secret: ${FIVETRAN_WEBHOOK_SECRET_ENV} of the environment the stack "
+                "started in (never printed)",
+            ]
+        if self.webhook_secret_source is None:
+            return ["  webhook secret: not set up (the stack has not started)"]
+        name = self.settings.fivetran_webhook_secret_block
+        # `prefect block inspect` masks a Secret's value: the block itself reads it.
+        # The name in double quotes (a JSON string is a Python one): the script goes in single.
+        script = f"from prefect.blocks.system import Secret; print(Secret.load({json.dumps(name)}).get())"
+        return [
+            f"  webhook secret: the Prefect Secret block {name!r} (never printed); to read it:",
+            f"    PREFECT_API_URL={self.api_url} {shlex.quote(sys.executable)} -c "
+            f"{shlex.quote(script)}",
+        ]
+
     def banner(self) -> str:
-        secret_hint = (
-            "$POSTLOAD_FIVETRAN_WEBHOOK_SECRET"
-            if self.webhook_secret_source == "POSTLOAD_FIVETRAN_WEBHOOK_SECRET"
-            else f"the secret in {self.webhook_secret_source}"
-        )
         return "\n".join(
             [
                 "",
                 "postload is running:",
                 f"  Prefect UI:   {self.ui_url}",
                 f"  Prefect API:  {self.api_url}   (export PREFECT_API_URL={self.api_url})",
-                f"  webhook URL:  {self.webhook_url}   (Fivetran signs with {secret_hint})",
+                f"  webhook URL:  {self.webhook_url}   (Fivetran signs with the webhook secret)",
+                *self.webhook_secret_lines(),
                 f"  logs:         {self.logs_dir}",
                 "",
-                "send a test sync (signed like Fivetran's sync_end):",
+                "send a test sync (signed like Fivetran's sync_end, with the secret above):",
                 f"  PREFECT_API_URL={self.api_url} postload send-sync <connector_id> "
                 f"--url {self.webhook_url}",
                 "",

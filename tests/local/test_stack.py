@@ -211,6 +211,8 @@ def test_banner_says_where_everything_is(running_stack: RunningStack) -> None:
     assert f"Prefect UI:   {running_stack.api_url.removesuffix('/api')}" in banner
     assert f"webhook URL:  {running_stack.webhook_url}" in banner
     assert "postload send-sync <connector_id>" in banner
+    # where the secret is (here the environment the stack started in), never the secret
+    assert "  webhook secret: $POSTLOAD_FIVETRAN_WEBHOOK_SECRET of the environment" in banner
     assert SECRET not in banner
 
 

@@ -54,6 +54,78 @@ def _settings_and_pipeline():
 
 
 @app.command()
+def init(
+    dbt_project: Annotated[
+        Path | None,
+        typer.Option(
+            "--dbt-project",
+            help="your dbt project's folder (with dbt_project.yml); default: "
+            "POSTLOAD_DBT_PROJECT_DIR, else dbt_project",
+        ),
+    ] = None,
+    fivetran: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fivetran",
+            metavar="CONNECTOR_ID[=DBT_SOURCE]",
+            help="the Fivetran connector writing a dbt source (repeatable); without =DBT_SOURCE, "
+            "its destination schema is read from Fivetran (FIVETRAN_API_KEY, FIVETRAN_API_SECRET)",
+        ),
+    ] = None,
+) -> None:
+    """Write a first postload.yaml (in POSTLOAD_PROJECT_DIR, default the working directory) from
+    your dbt project: one source per dbt source, those mapped with --fivetran transformed after
+    each sync of their connector. Validated before it is written; never overwrites one."""
+    from postload.init import ConfigExistsError, InitError, init_pipeline_config
+
+    settings = Settings()
+    try:
+        result = init_pipeline_config(
+            settings, dbt_project or settings.dbt_project_path, fivetran or []
+        )
+    except InitError as exc:
+        if isinstance(exc, ConfigExistsError):
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {result.path}: {len(result.mapped)} source(s) from the dbt project")
+    for name, connector_id in result.mapped.items():
+        typer.echo(f"  {name:<20} Fivetran connector {connector_id}")
+    if result.unmapped:
+        typer.echo(
+            f"  left out (commented, no Fivetran connector given): {', '.join(result.unmapped)}"
+        )
+    if result.dbt_project_env is not None:
+        typer.secho(
+            f"the dbt project is not ./dbt_project: set "
+            f"POSTLOAD_DBT_PROJECT_DIR={result.dbt_project_env} wherever postload runs "
+            "(postload.yaml cannot hold it)",
+            fg="yellow",
+        )
+    typer.echo("next: `postload doctor` checks the whole setup")
+
+
+@app.command()
+def doctor() -> None:
+    """Check the setup, in order: the pipeline config, the config against the dbt project, the
+    dbt profile and connection, the warehouse, the Prefect API, the blocks, the deployments and
+    the automations. One line per check (✓ ok, ! warning, ✗ failure, - not checked) with what
+    to fix. Exits 1 when a required check fails (warnings are fine). Never prints secrets."""
+    from postload.doctor import Status, run_checks
+
+    failed = 0
+    for result in run_checks(Settings()):
+        color = {Status.FAIL: "red", Status.WARN: "yellow"}.get(result.status)
+        for i, line in enumerate(result.lines()):
+            typer.secho(line, fg=color if i == 0 else None)
+        failed += result.failed
+    if failed:
+        typer.secho(f"{failed} check(s) failed", fg="red")
+        raise typer.Exit(code=1)
+    typer.echo("everything required holds")
+
+
+@app.command()
 def sources() -> None:
     """List the configured sources, their loader and the dbt work each one selects."""
     settings, pipeline = _settings_and_pipeline()

@@ -49,6 +49,8 @@ def test_the_cli_has_the_documented_commands() -> None:
         "transform",
         "automations apply",
         "schedules apply",
+        "init",
+        "doctor",
     } <= names
 
 

@@ -7,7 +7,8 @@
 2. A file of events lands in the stage → the load-and-transform deployment loads it (COPY
    semantics, malformed lines counted and skipped) and builds only the models downstream of
    events.
-3. Every tracked source is now fresh → full-run-when-fresh builds the whole project, once.
+3. Every tracked source has now loaded and is fresh → full-run-when-fresh (configured with
+   ``full_run:`` in postload.yaml) builds the whole project, once.
 4. The pipeline status table.
 
 The demo has its own home (``.postload/demo``: warehouse, stage, pipeline config), emptied at the
@@ -150,7 +151,9 @@ def _story(stack: LocalStack, settings: Settings, echo: Callable[[str], None]) -
         loaded = _Run(LOAD_AND_TRANSFORM, flow_run)
         ok &= _report([loaded], runs, echo)
 
-        echo("\n3. every source is fresh → full-run-when-fresh builds everything, once")
+        echo(
+            "\n3. every source has loaded and is fresh → full-run-when-fresh builds everything, once"
+        )
         new = runs.settle(before, want={LOAD_AND_TRANSFORM: 1, FULL_RUN: 1})
         ok &= _report([r for r in new if r.id != loaded.id], runs, echo)
         full_builds = [r for r in new if r.deployment == FULL_RUN and runs.models(r)]

@@ -169,3 +169,18 @@ def test_builds_recorded_per_source_still_cover_a_copy_source(duck: Any) -> None
             [datetime(2026, 12, 4, 9)],
         )
     assert not warehouse.watermarks(events)[("events", "events")].pending
+
+
+def test_pipeline_status_shows_fivetran_sources_from_their_watermarks(duck: Any) -> None:
+    """Fivetran writes no load log: the status takes a source's last load from its tables."""
+    from postload.report import pipeline_status
+
+    warehouse, tables = duck
+    by_source: dict[str, list[SourceTable]] = {}
+    for t in tables:
+        by_source.setdefault(t.source, []).append(t)
+    assert warehouse.pipeline_status() == []  # the view alone knows nothing of them
+    rows = {r["source"]: r for r in pipeline_status(warehouse, by_source)}
+    assert rows["salesforce"]["last_loaded_at"] == SYNCED.replace(tzinfo=None)
+    assert rows["salesforce"]["awaiting_transform"] is True
+    assert rows["salesforce"]["transform_status"] is None

@@ -9,6 +9,7 @@ planner and the warehouse need: one watermark per table.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class SourceTable:
     # True for a source postload.yaml names by raw_table: recorded builds from before per-table
     # bookkeeping (``ops.transform_runs``) still count as covering it.
     named_by_config: bool = False
+    # The table's name in SQL as dbt renders it (the manifest's ``relation_name``), quoting
+    # included: the adapter's quoting rules, so a table named ``order`` or ``user`` works.
+    rendered: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -39,7 +43,9 @@ class SourceTable:
 
     @property
     def relation(self) -> str:
-        """The table's name in SQL (every part a checked plain identifier)."""
+        """The table's name in SQL: as dbt renders it, else its checked plain identifiers."""
+        if self.rendered:
+            return self.rendered
         parts = [self.database, self.schema, self.identifier]
         return ".".join(p for p in parts if p)
 
@@ -107,6 +113,24 @@ def source_tables(
     return tables
 
 
+# One to three dot-separated parts, each a double-quoted name (no quote inside) or a plain one:
+# what dbt's adapters render, and nothing else reaches SQL.
+_RELATION = re.compile(
+    r'^(?:"[^"]{1,255}"|[A-Za-z_][A-Za-z0-9_$]{0,254})(?:\.(?:"[^"]{1,255}"|[A-Za-z_][A-Za-z0-9_$]{0,254})){0,2}$'
+)
+
+
+def _checked_relation(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _RELATION.fullmatch(value):
+        raise ValueError(
+            f"relation {value!r} is not one to three dot-separated names, each plain or "
+            "double-quoted"
+        )
+    return value
+
+
 def _node_name(node: dict[str, Any]) -> str:
     return str(node["name"])
 
@@ -131,6 +155,7 @@ def _from_node(source: SourceConfig, node: dict[str, Any], config_path: Path | s
             schema=check_identifier(node["schema"]),
             identifier=check_identifier(node.get("identifier") or node["name"]),
             loaded_at_field=check_identifier(field),
+            rendered=_checked_relation(node.get("relation_name")),
         )
     except ValueError as exc:
         raise ConfigError(

@@ -191,3 +191,17 @@ def test_a_table_without_loaded_at_field_is_a_config_error_naming_it() -> None:
     }
     with pytest.raises(ConfigError, match="table 'account' has no loaded_at_field"):
         source_tables(FIVETRAN, manifest)
+
+
+def test_a_table_is_read_under_the_name_dbt_renders_for_it() -> None:
+    """dbt's relation_name carries the adapter's quoting: a table called `order` still works."""
+    only_salesforce = PipelineConfig.model_validate(
+        {"sources": [FIVETRAN.sources[0].model_dump(exclude_unset=True)]}
+    )
+    node = dbt_source("salesforce", "order", schema="salesforce")
+    node["relation_name"] = '"analytics_db"."salesforce"."order"'
+    (table,) = source_tables(only_salesforce, {"sources": {"s": node}})["salesforce"]
+    assert table.relation == '"analytics_db"."salesforce"."order"'
+    node["relation_name"] = "salesforce.order; drop table ops.transform_runs"
+    with pytest.raises(ConfigError, match="plain identifiers only"):
+        source_tables(only_salesforce, {"sources": {"s": node}})

@@ -69,7 +69,7 @@ def test_plan_shows_the_pending_tables_and_builds_only_what_reads_them(project: 
     result = CliRunner().invoke(app, ["plan", "sf_conn"])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "salesforce.account (warehouse.salesforce.account): pending" in out, out
+    assert 'salesforce.account ("warehouse"."salesforce"."account"): pending' in out, out
     assert "salesforce.user (" in out and "): no rows yet" in out, out
     assert "source salesforce: dbt build --select source:salesforce.account+" in out, out
     listed = {line.strip() for line in out.splitlines() if line.startswith("  model.")}

@@ -1,9 +1,10 @@
 """The README's demo: the whole story on the local stack, watchable in the Prefect UI.
 
-1. Two Fivetran connectors (simulated: rows land in ``raw.customers`` and ``raw.orders``) finish
-   their syncs and send signed ``sync_end`` webhooks to the receiver over HTTP → one coalesced
-   transform-on-sync run builds what is downstream of both; full-run-when-fresh, woken by the same
-   events, says it waits for ``events``.
+1. Two Fivetran connectors finish their syncs, written as Fivetran writes (simulated: a schema
+   per connector, ``crm.customers`` and ``shop.orders``, typed columns, ``_fivetran_synced``
+   timezone-aware, no load log), and send signed ``sync_end`` webhooks to the receiver over HTTP
+   → one coalesced transform-on-sync run builds what is downstream of both; full-run-when-fresh,
+   woken by the same events, says it waits for ``events``.
 2. A file of events lands in the stage → the load-and-transform deployment loads it (COPY
    semantics, malformed lines counted and skipped) and builds only the models downstream of
    events.
@@ -11,9 +12,10 @@
    ``full_run:`` in postload.yaml) builds the whole project, once.
 4. The pipeline status table.
 
-The demo has its own home (``.postload/demo``: warehouse, stage, pipeline config), emptied at the
-start, with the checked-in ``postload.yaml`` except that customers and orders are fed by Fivetran
-connectors ``demo_customers`` and ``demo_orders``.
+The demo has its own home (``.postload/demo``: warehouse, stage, pipeline config, dbt project),
+emptied at the start: the checked-in ``postload.yaml`` and dbt project, except that customers and
+orders are the dbt sources of Fivetran connectors ``demo_customers`` and ``demo_orders`` (the
+project's copy reads them from the connectors' schemas) instead of staged files.
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ from typing import Any
 import yaml
 
 from postload.config import Settings
-from postload.local.demo_data import write_demo_batch
+from postload.fivetran.simulate import simulate_sync
+from postload.local.demo_data import demo_records, write_demo_batch
 from postload.local.stack import LocalStack, StackError, free_port, port_is_free, send_sync_end
-from postload.report import render_text_table, status_table
+from postload.report import pipeline_status, render_text_table, status_table
+from postload.sources import tables_for
 from postload.warehouse import open_warehouse
 from postload.writer import warehouse_writer
 
 __all__ = ["FIVETRAN_SOURCES", "demo_settings", "run_demo"]
 
 FIVETRAN_SOURCES = ("customers", "orders")
+# Where each simulated connector writes (its destination schema) and its table.
+FIVETRAN_SCHEMAS = {"customers": "crm", "orders": "shop"}
 TRANSFORM_ON_SYNC = "transform-on-sync"
 FULL_RUN = "full-run-when-fresh"
 LOAD_AND_TRANSFORM = "load-and-transform"
@@ -55,22 +61,31 @@ def demo_settings(checkout: Settings) -> tuple[Settings, dict[str, str]]:
         else:
             path.unlink(missing_ok=True)
     home.mkdir(parents=True, exist_ok=True)
+    dbt_project = _fivetran_dbt_project(checkout.dbt_project_path, home / "dbt_project")
     config = yaml.safe_load(checkout.pipeline_config_path.read_text())
     for source in config["sources"]:
         if source["name"] in FIVETRAN_SOURCES:
+            # the dbt source's tables, not a raw table postload loads
+            for key in ("raw_table", "stage", "file_format"):
+                source.pop(key, None)
             source["loader"] = {"type": "fivetran", "connector_id": f"demo_{source['name']}"}
     demo_config = home / "postload.yaml"
     demo_config.write_text(
         "# Written by `postload demo`: the checked-in postload.yaml with customers and orders\n"
-        "# fed by (simulated) Fivetran connectors.\n" + yaml.safe_dump(config, sort_keys=False)
+        "# the dbt sources of (simulated) Fivetran connectors.\n"
+        + yaml.safe_dump(config, sort_keys=False)
     )
     env = {
         "POSTLOAD_PROJECT_DIR": str(Path(checkout.project_dir).resolve()),
         "POSTLOAD_HOME": str(home),
         "POSTLOAD_PIPELINE_CONFIG": str(demo_config),
+        "POSTLOAD_DBT_PROJECT_DIR": str(dbt_project),
     }
     settings = Settings(
-        project_dir=Path(checkout.project_dir).resolve(), home=home, pipeline_config=demo_config
+        project_dir=Path(checkout.project_dir).resolve(),
+        home=home,
+        pipeline_config=demo_config,
+        dbt_project_dir=dbt_project,
     )
     return settings, env
 
@@ -128,7 +143,10 @@ def _story(stack: LocalStack, settings: Settings, echo: Callable[[str], None]) -
         before = runs.known()
         for batch, source in enumerate(FIVETRAN_SOURCES, start=1):
             rows = _fivetran_sync(settings, source, batch)
-            echo(f"   connector demo_{source} synced {rows} rows into raw.{source}")
+            echo(
+                f"   connector demo_{source} synced {rows} rows into "
+                f"{FIVETRAN_SCHEMAS[source]}.{source} (_fivetran_synced, no load log)"
+            )
         assert stack.webhook_secret is not None  # stack.start() resolved or created it
         for source in FIVETRAN_SOURCES:
             response = send_sync_end(stack.webhook_url, stack.webhook_secret, f"demo_{source}")
@@ -160,7 +178,8 @@ def _story(stack: LocalStack, settings: Settings, echo: Callable[[str], None]) -
         ok &= len(full_builds) == 1
 
         echo("\n4. pipeline status (ops.pipeline_status):")
-        echo(render_text_table(status_table(warehouse.pipeline_status())))
+        tables = tables_for(settings, pipeline)
+        echo(render_text_table(status_table(pipeline_status(warehouse, tables))))
         echo(
             f"\nwhere to look next:\n  Prefect UI:  {stack.ui_url}/runs  (flow runs, per-model "
             "tasks, artifacts: pipeline-status, load-to-transform latency, source freshness)\n"
@@ -174,16 +193,71 @@ def _story(stack: LocalStack, settings: Settings, echo: Callable[[str], None]) -
 
 
 def _fivetran_sync(settings: Settings, source: str, batch: int) -> int:
-    """What a Fivetran connector does: rows appear in the raw table (here via the DuckDB loader)."""
-    from postload.warehouse._duckdb import DuckDBWarehouse
-
-    pipeline = settings.load_pipeline()
-    write_demo_batch(settings.stage_root_path, source, batch)
-    warehouse = DuckDBWarehouse(settings.duckdb_file, settings.stage_root_path, pipeline)
+    """What a Fivetran connector does: its rows land in its own schema, no load log."""
+    schema = FIVETRAN_SCHEMAS[source]
+    id_key = {"customers": "customer_id", "orders": "order_id"}[source]
+    rows = [{"id": r[id_key], **r} for r in demo_records(source, batch)]
     with warehouse_writer(settings):
-        warehouse.ensure_schema()
-        results = warehouse.load(pipeline.source(source), None)
-    return sum(r.rows_loaded for r in results)
+        simulate_sync(settings.duckdb_file, schema, {source: rows})
+    return len(rows)
+
+
+# The demo project's customers and orders as Fivetran connectors deliver them: typed columns in
+# the connector's schema, `_fivetran_synced` (TIMESTAMPTZ) as each row's load time. The staging
+# models keep their columns, so everything downstream is unchanged.
+_FIVETRAN_SOURCE_YML = """# Written by `postload demo`: {name} as its Fivetran connector delivers it.
+sources:
+  - name: {name}
+    schema: {schema}
+    config:
+      loaded_at_field: _fivetran_synced
+      freshness:
+        warn_after: {{count: 12, period: hour}}
+        error_after: {{count: 24, period: hour}}
+    tables:
+      - name: {name}
+"""
+_FIVETRAN_STAGING = {
+    "customers": """-- Written by `postload demo`: customers as the demo_customers connector delivers them.
+select
+    customer_id,
+    name as customer_name,
+    email,
+    cast(created_at as timestamp) as created_at,
+    cast(null as varchar) as source_file,
+    timezone('UTC', _fivetran_synced) as loaded_at
+from {{ source('customers', 'customers') }}
+where not _fivetran_deleted
+""",
+    "orders": """-- Written by `postload demo`: orders as the demo_orders connector delivers them.
+select
+    order_id,
+    customer_id,
+    cast(amount as decimal(12, 2)) as amount,
+    status,
+    cast(ordered_at as timestamp) as ordered_at,
+    cast(null as varchar) as source_file,
+    timezone('UTC', _fivetran_synced) as loaded_at
+from {{ source('orders', 'orders') }}
+where not _fivetran_deleted
+""",
+}
+
+
+def _fivetran_dbt_project(checked_in: Path, target: Path) -> Path:
+    """A copy of the dbt project whose customers and orders sources are Fivetran connectors'."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(
+        checked_in, target, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages")
+    )
+    for source in FIVETRAN_SOURCES:
+        folder = target / "models" / "staging" / source
+        (folder / f"_{source}__sources.yml").write_text(
+            _FIVETRAN_SOURCE_YML.format(name=source, schema=FIVETRAN_SCHEMAS[source])
+        )
+        (folder / f"stg_{source}.sql").write_text(_FIVETRAN_STAGING[source])
+    return target
 
 
 class _Run:

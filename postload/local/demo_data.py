@@ -96,6 +96,17 @@ def _batch_records(
             yield _event(rng, f"evt-{batch:04d}-{n:06d}", customer_id, at)
 
 
+def demo_records(source: str, batch: int, *, rows: int = 48, seed: int = 0) -> list[Record]:
+    """The valid records of batch ``batch`` (what a connector would deliver: no malformed ones).
+
+    Ids as in ``write_demo_batch`` with ``rows`` valid lines: orders of batch N refer to customers
+    of batch N.
+    """
+    _check_source(source)
+    rng = random.Random(f"{source}:{batch}:{seed}")
+    return list(_batch_records(source, batch, rows, rows, rng))
+
+
 def write_demo_batch(
     stage_root: Path,
     source: str,

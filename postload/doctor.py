@@ -486,38 +486,30 @@ def check_blocks(
     fivetran: ``POSTLOAD_FIVETRAN_WEBHOOK_SECRET`` or the Secret block)."""
     results = []
     if settings.warehouse is WarehouseKind.SNOWFLAKE:
-        name = f"block {settings.snowflake_block}"
-        if client is None:
-            results.append(_skip(name, "no Prefect API"))
-        elif _block_exists(client, settings.snowflake_block, "snowflake-connector"):
-            results.append(_ok(name, "the Snowflake connector block exists"))
-        else:
-            results.append(
-                _fail(
-                    name,
-                    "POSTLOAD_WAREHOUSE=snowflake needs the snowflake-connector block "
-                    f"{settings.snowflake_block!r}, which is not on the Prefect API",
-                    "set SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER, SNOWFLAKE_PASSWORD (or "
-                    "SNOWFLAKE_PRIVATE_KEY_PATH), SNOWFLAKE_ROLE, SNOWFLAKE_WAREHOUSE and "
-                    "SNOWFLAKE_DATABASE, then run `postload blocks register`",
-                )
+        results.append(
+            _required_block(
+                client,
+                settings.snowflake_block,
+                "snowflake-connector",
+                "POSTLOAD_WAREHOUSE=snowflake",
+                "the Snowflake connector block exists",
+                "set SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER, SNOWFLAKE_PASSWORD (or "
+                "SNOWFLAKE_PRIVATE_KEY_PATH), SNOWFLAKE_ROLE, SNOWFLAKE_WAREHOUSE and "
+                "SNOWFLAKE_DATABASE, then run `postload blocks register`",
             )
+        )
     if settings.dbt_runner is DbtRunnerKind.CLOUD:
-        name = f"block {settings.dbt_cloud_credentials_block}"
-        if client is None:
-            results.append(_skip(name, "no Prefect API"))
-        elif _block_exists(client, settings.dbt_cloud_credentials_block, "dbt-cloud-credentials"):
-            results.append(_ok(name, "the dbt Cloud credentials block exists"))
-        else:
-            results.append(
-                _fail(
-                    name,
-                    "POSTLOAD_DBT_RUNNER=cloud needs the dbt-cloud-credentials block "
-                    f"{settings.dbt_cloud_credentials_block!r}, which is not on the Prefect API",
-                    "set DBT_CLOUD_API_KEY and DBT_CLOUD_ACCOUNT_ID, then run "
-                    "`postload blocks register`",
-                )
+        results.append(
+            _required_block(
+                client,
+                settings.dbt_cloud_credentials_block,
+                "dbt-cloud-credentials",
+                "POSTLOAD_DBT_RUNNER=cloud",
+                "the dbt Cloud credentials block exists",
+                "set DBT_CLOUD_API_KEY and DBT_CLOUD_ACCOUNT_ID, then run "
+                "`postload blocks register`",
             )
+        )
     fivetran = [
         s.name
         for s in (pipeline.sources if pipeline else [])
@@ -534,6 +526,21 @@ def check_blocks(
             )
         )
     return results
+
+
+def _required_block(
+    client: Any, block: str, block_type: str, needed_by: str, exists: str, fix: str
+) -> CheckResult:
+    name = f"block {block}"
+    if client is None:
+        return _skip(name, "no Prefect API")
+    if _block_exists(client, block, block_type):
+        return _ok(name, exists)
+    return _fail(
+        name,
+        f"{needed_by} needs the {block_type} block {block!r}, which is not on the Prefect API",
+        fix,
+    )
 
 
 def _check_webhook_secret(

@@ -176,6 +176,20 @@ def sql(home: PostloadHome, query: str, params: list[Any] | None = None) -> list
         con.close()
 
 
+@pytest.fixture(scope="session")
+def parsed_dbt_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo dbt project, parsed once for the session (copy it with its target/: copytree
+    keeps modification times, so the manifest stays newer than the project)."""
+    from postload.dbt import DbtProject
+
+    path = tmp_path_factory.mktemp("parsed") / "dbt_project"
+    shutil.copytree(
+        REPO / "dbt_project", path, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages")
+    )
+    DbtProject(path, path.parent / "warehouse.duckdb").manifest()
+    return path
+
+
 @pytest.fixture
 def postload_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PostloadHome:
     """An isolated home for one test (dbt writes its own target/)."""

@@ -39,16 +39,6 @@ WEBHOOK_SECRET = suite_secret("doctor: Fivetran webhook secret", "whsec-doctor-7
 SNOWFLAKE_PASSWORD = suite_secret("doctor: Snowflake password", "sfpass-doctor-0d4a")
 
 
-@pytest.fixture(scope="module")
-def parsed_dbt_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("parsed") / "dbt_project"
-    shutil.copytree(
-        REPO / "dbt_project", path, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages")
-    )
-    DbtProject(path, path.parent / "warehouse.duckdb").manifest()
-    return path
-
-
 @pytest.fixture
 def home(tmp_path: Path, parsed_dbt_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A checkout: the repo's postload.yaml and prefect.yaml, the demo dbt project (parsed)."""

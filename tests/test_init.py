@@ -27,24 +27,13 @@ from postload.init import (
     write_new_file,
 )
 from postload.sources import source_tables
-from tests.conftest import REPO, suite_secret
+from tests.conftest import suite_secret
 
 runner = CliRunner()
 
 FIVETRAN_KEY = suite_secret("init: Fivetran API key", "ftkey-3b81c0d2")
 FIVETRAN_SECRET = suite_secret("init: Fivetran API secret", "ftsecret-a9e4f7")
 CONNECTION_URL = "https://api.fivetran.com/v1/connections/{}"
-
-
-@pytest.fixture(scope="module")
-def parsed_dbt_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo dbt project, parsed once for the module (its target/ is copied with it)."""
-    path = tmp_path_factory.mktemp("parsed") / "dbt_project"
-    shutil.copytree(
-        REPO / "dbt_project", path, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages")
-    )
-    DbtProject(path, path.parent / "warehouse.duckdb").manifest()
-    return path
 
 
 @pytest.fixture

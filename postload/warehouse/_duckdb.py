@@ -27,11 +27,10 @@ from postload.warehouse._sql import (
     TRANSFORM_TABLE_COLUMNS,
     insert_sql,
     last_build_sql,
-    missing_relation_rows,
     ops_ddl,
-    read_watermarks,
     transform_history_sql,
     transform_rows,
+    watermarks_skipping_missing,
     watermarks_sql,
 )
 from postload.warehouse._types import (
@@ -310,28 +309,20 @@ class DuckDBWarehouse:
             return {}
         params = [selection, selection] if selection else []
         with self.connect() as con:
-            try:
-                rows = con.execute(self._watermarks_sql(tables, selection), params).fetchall()
-                return read_watermarks(rows)
-            except duckdb.CatalogException:
-                # A table that does not exist yet (a connector that never synced it): ask the
-                # catalog which ones do, and read those.
-                existing = {
+            return watermarks_skipping_missing(
+                tables,
+                fetch=lambda ts: con.execute(
+                    self._watermarks_sql(ts, selection), params
+                ).fetchall(),
+                catalog=lambda: {
                     (schema, name)
                     for schema, name in con.execute(
                         "select lower(table_schema), lower(table_name) "
                         "from information_schema.tables"
                     ).fetchall()
-                }
-            present, absent = missing_relation_rows(tables, existing)
-            marks = (
-                read_watermarks(
-                    con.execute(self._watermarks_sql(present, selection), params).fetchall()
-                )
-                if present
-                else {}
+                },
+                is_missing=lambda exc: isinstance(exc, duckdb.CatalogException),
             )
-        return {**{t.key: Watermark(None, None) for t in absent}, **marks}
 
     def _watermarks_sql(self, tables: list[SourceTable], selection: str | None) -> str:
         return watermarks_sql(

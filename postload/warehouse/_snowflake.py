@@ -28,11 +28,10 @@ from postload.warehouse._sql import (
     TRANSFORM_RUN_COLUMNS,
     TRANSFORM_TABLE_COLUMNS,
     last_build_sql,
-    missing_relation_rows,
     ops_ddl,
-    read_watermarks,
     transform_history_sql,
     transform_rows,
+    watermarks_skipping_missing,
     watermarks_sql,
 )
 from postload.warehouse._types import (
@@ -348,30 +347,20 @@ class SnowflakeWarehouse:
             return {}
         params = {"selection": selection} if selection else None
         with self._session("watermarks") as connector:
-            try:
-                return read_watermarks(
-                    connector.fetch_all(self._watermarks_sql(tables, selection), params)
-                )
-            except sf_errors.ProgrammingError as exc:
-                if exc.errno != _OBJECT_DOES_NOT_EXIST:
-                    raise
-            # A table that does not exist yet (a connector that never synced it, or one the
-            # role cannot see): ask the catalog which ones exist, and read those.
-            existing = {
-                (schema, name)
-                for schema, name in connector.fetch_all(
-                    "select lower(table_schema), lower(table_name) from information_schema.tables"
-                )
-            }
-            present, absent = missing_relation_rows(tables, existing)
-            marks = (
-                read_watermarks(
-                    connector.fetch_all(self._watermarks_sql(present, selection), params)
-                )
-                if present
-                else {}
+            return watermarks_skipping_missing(
+                tables,
+                fetch=lambda ts: connector.fetch_all(self._watermarks_sql(ts, selection), params),
+                catalog=lambda: {
+                    (schema, name)
+                    for schema, name in connector.fetch_all(
+                        "select lower(table_schema), lower(table_name) from information_schema.tables"
+                    )
+                },
+                is_missing=lambda exc: (
+                    isinstance(exc, sf_errors.ProgrammingError)
+                    and exc.errno == _OBJECT_DOES_NOT_EXIST
+                ),
             )
-        return {**{t.key: Watermark(None, None) for t in absent}, **marks}
 
     def _watermarks_sql(self, tables: list[SourceTable], selection: str | None) -> str:
         return watermarks_sql(

@@ -261,6 +261,28 @@ def read_watermarks(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str], Waterm
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def watermarks_skipping_missing(
+    tables: list[SourceTable],
+    fetch: Callable[[list[SourceTable]], list[tuple[Any, ...]]],
+    catalog: Callable[[], set[tuple[str, str]]],
+    is_missing: Callable[[Exception], bool],
+) -> dict[tuple[str, str], Watermark]:
+    """Every table's watermark in one round trip (``fetch`` runs ``watermarks_sql``).
+
+    When a table does not exist yet (a connector that never synced it, or one the role cannot
+    see: ``is_missing`` tells the warehouse's error for it), ``catalog`` lists the ``(schema,
+    name)`` pairs that do, and those are read: the missing ones have no rows.
+    """
+    try:
+        return read_watermarks(fetch(tables))
+    except Exception as exc:
+        if not is_missing(exc):
+            raise
+    present, absent = missing_relation_rows(tables, catalog())
+    marks = read_watermarks(fetch(present)) if present else {}
+    return {**{t.key: Watermark(None, None) for t in absent}, **marks}
+
+
 def missing_relation_rows(
     tables: list[SourceTable], existing: set[tuple[str, str]]
 ) -> tuple[list[SourceTable], list[SourceTable]]:

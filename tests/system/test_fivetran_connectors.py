@@ -57,6 +57,7 @@ from tests.system.test_transform_on_sync_served import (
     POSTLOAD,
     START_TIMEOUT,
     ServedStack,
+    start_parts,
 )
 
 # Starts real processes (a served runner, a receiver) against the session's Prefect server.
@@ -431,13 +432,7 @@ def stack(
         "serve": [POSTLOAD, "serve", "--only", TRANSFORM, "--only", FULL_RUN, "--no-schedules"],
     }
     started = datetime.now(UTC)
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-    for name, argv in commands.items():
-        log = root / f"{name}.log"
-        with log.open("wb") as out:
-            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=out))
-        logs.append(log)
+    procs, logs = start_parts(commands, root, env)
     stack = ConnectorStack(
         home,
         prefect_server,

@@ -186,6 +186,20 @@ def transformed_sources(home: PostloadHome, runs: list[Any]) -> list[str]:
     return sorted(source for (source,) in rows)
 
 
+def start_parts(
+    commands: dict[str, list[str]], root: Path, env: dict[str, str]
+) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+    """Start each command (the receiver, the runner) from the checkout, logging to root/<name>.log."""
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    for name, argv in commands.items():
+        log = root / f"{name}.log"
+        with log.open("wb") as out:
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=out))
+        logs.append(log)
+    return procs, logs
+
+
 @pytest.fixture(scope="module")
 def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
     from tests.conftest import make_home
@@ -206,16 +220,11 @@ def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": SECRET,
     }
-    procs, logs = [], []
     commands = {
         "receiver": [POSTLOAD, "receiver", "--port", str(port)],
         "serve": [POSTLOAD, "serve", "--only", DEPLOYMENT, "--no-schedules"],
     }
-    for name, argv in commands.items():
-        log = root / f"{name}.log"
-        with log.open("wb") as out:
-            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=out))
-        logs.append(log)
+    procs, logs = start_parts(commands, root, env)
     stack = ServedStack(
         home,
         prefect_server,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,12 @@ from typing import Any
 import duckdb
 import pytest
 
+from bench.plan import CountingWarehouse  # counts the statements sent: a round trip each
 from postload.config import PipelineConfig
 from postload.dbt import DbtBuildResult
 from postload.runs import record_build
 from postload.sources import SourceTable, source_tables
 from postload.warehouse import Watermark
-from postload.warehouse._duckdb import DuckDBWarehouse
 
 PIPELINE = PipelineConfig.model_validate(
     {
@@ -52,31 +51,10 @@ def manifest(database: str | None) -> dict[str, Any]:
     }
 
 
-class CountingDuckDB(DuckDBWarehouse):
-    """Counts the statements the warehouse sends: a round trip each."""
-
-    statements = 0
-
-    @contextmanager
-    def connect(self) -> Iterator[Any]:
-        with super().connect() as con:
-            outer = self
-
-            class Counting:
-                def execute(self, sql: str, *args: Any) -> Any:
-                    outer.statements += 1
-                    return con.execute(sql, *args)
-
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(con, name)
-
-            yield Counting()
-
-
 @pytest.fixture
-def duck(tmp_path: Path) -> tuple[CountingDuckDB, list[SourceTable]]:
+def duck(tmp_path: Path) -> tuple[CountingWarehouse, list[SourceTable]]:
     path = tmp_path / "warehouse.duckdb"
-    warehouse = CountingDuckDB(path, tmp_path / "stage", PIPELINE)
+    warehouse = CountingWarehouse(path, tmp_path / "stage", PIPELINE)
     warehouse.ensure_schema()
     con = duckdb.connect(str(path))
     # what Fivetran writes: its own schema, _fivetran_synced TIMESTAMPTZ (an INSTANT); one table

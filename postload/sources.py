@@ -46,8 +46,10 @@ class SourceTable:
         """The table's name in SQL: as dbt renders it, else its checked plain identifiers."""
         if self.rendered:
             return self.rendered
-        parts = [self.database, self.schema, self.identifier]
-        return ".".join(p for p in parts if p)
+        parts = [self.schema, self.identifier]
+        if self.database is not None:
+            parts.insert(0, self.database)
+        return ".".join(check_identifier(p) for p in parts)
 
     @property
     def downstream(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from postload.cli import app as postload_cli
 from postload.config import ConfigError, PipelineConfig, Selection, load_pipeline_config
 from postload.fivetran.webhook import FivetranWebhook
 from postload.plan import union_selection
+from postload.sources import SourceTable
 from postload.warehouse import _sql
 from postload.warehouse._snowflake import copy_sql
 from tests.conftest import PostloadHome
@@ -262,6 +264,9 @@ def test_every_configured_connector_id_is_one_the_receiver_accepts(connector_id:
     FivetranWebhook.model_validate(sync_end(connector_id=connector_id))
 
 
+TABLE = SourceTable("events", "events", "events", None, "raw", "events", "_loaded_at")
+
+
 @pytest.mark.parametrize("injection", INJECTIONS, ids=IDS)
 def test_sql_builders_refuse_unchecked_names(injection: str) -> None:
     """Defence in depth: a name that somehow bypassed the config still never becomes SQL."""
@@ -271,10 +276,14 @@ def test_sql_builders_refuse_unchecked_names(injection: str) -> None:
         lambda: copy_sql("raw", "events", injection),
         lambda: _sql.ops_ddl(injection),
         lambda: _sql.pipeline_status_view(injection),
-        lambda: _sql.latest_loaded_sql(injection, "events", "_loaded_at"),
-        lambda: _sql.latest_loaded_sql("raw", injection, "_loaded_at"),
-        lambda: _sql.latest_loaded_sql("raw", "events", injection),
-        lambda: _sql.covered_sql(injection),
+        lambda: _sql.watermarks_sql(injection, [TABLE], epoch_us=str),
+        lambda: _sql.watermarks_sql("ops", [replace(TABLE, source=injection)], epoch_us=str),
+        lambda: _sql.watermarks_sql("ops", [replace(TABLE, table=injection)], epoch_us=str),
+        lambda: _sql.watermarks_sql("ops", [replace(TABLE, schema=injection)], epoch_us=str),
+        lambda: _sql.watermarks_sql(
+            "ops", [replace(TABLE, loaded_at_field=injection)], epoch_us=str
+        ),
+        lambda: _sql.last_build_sql(injection, "?"),
         lambda: _sql.transform_history_sql(injection, 10),
     ]
     for build in builders:

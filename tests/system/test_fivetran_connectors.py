@@ -656,42 +656,6 @@ def test_a_burst_of_five_connectors_is_one_dbt_invocation_of_the_union(
     assert pending_tables(stack) == []
 
 
-def test_a_burst_with_full_builds_on_builds_everything_once_and_the_union_at_most_once(
-    stack: ConnectorStack,
-) -> None:
-    # Every connector synced and all are fresh: a new generation, so one full build is due as
-    # well. The two flows queue for the warehouse: if the full build goes first it covers the
-    # burst and transform-on-sync finds nothing; otherwise transform-on-sync builds the union
-    # first. Either way: one full build, the union built at most once more, nothing left over.
-    changes = {
-        "salesforce": ["opportunity"],
-        "stripe": ["subscription"],
-        "hubspot": ["company", "contact"],
-        "zendesk": ["user"],
-        "shopify": ["product"],
-    }
-    burst(stack, changes)
-    runs = stack.settle(at_least=10)
-    transforms, fulls = stack.of(TRANSFORM, runs), stack.of(FULL_RUN, runs)
-    assert len(transforms) == 5 and len(fulls) == 5
-    assert {r.state_name for r in runs} <= {"Completed", "Cancelled"}
-
-    full_build = built_by(stack.home, fulls)
-    assert len(full_build.runs) == 1 and len(full_build.invocations) == 1
-    assert full_build.nodes == stack.nodes("fqn:*") and full_build.statuses <= OK_STATUSES
-    summary("(c2) full build", full_build, stack.nodes("fqn:*"))
-    selective = built_by(stack.home, transforms)
-    summary("(c2) transform-on-sync", selective, stack.nodes(downstream(changes)))
-    assert len(selective.invocations) <= 1
-    if selective.nodes:
-        assert selective.nodes == stack.nodes(downstream(changes))
-    print(
-        "burst with full builds on:",
-        "transform-on-sync built the union first" if selective.nodes else "the full build won",
-    )
-    assert pending_tables(stack) == []
-
-
 def test_five_deliveries_of_one_sync_build_once(stack: ConnectorStack) -> None:
     changed = {"zendesk": ["ticket", "ticket_comment"]}
     stack.sync("zendesk", changed["zendesk"])

@@ -55,13 +55,14 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
 
     with warehouse_writer(settings):
         warehouse.ensure_schema()
-        watched = [t for source in tracked for t in source.tables]
-        latest = warehouse.watermarks(watched)
+        # each table's newest row, and the newest one a full build covered: one statement
+        marks = warehouse.watermarks(
+            [t for source in tracked for t in source.tables], selection=FULL_BUILD.describe()
+        )
         limits = pipeline.full_run
         decision: FullRunDecision = decide(
             tracked,
-            latest,
-            warehouse.watermarks(watched, selection=FULL_BUILD.describe()),
+            marks,
             utcnow(),
             limits=limits,
             last_full_build_at=warehouse.last_build_at(FULL_BUILD.describe())
@@ -94,7 +95,7 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
             completed_at=utcnow(),
             covers=decision.covers,
             tables={
-                t.name: {table.table: latest[table.key].latest_loaded_at for table in t.tables}
+                t.name: {table.table: marks[table.key].latest_loaded_at for table in t.tables}
                 for t in tracked
             },
         )

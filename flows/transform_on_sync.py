@@ -24,7 +24,7 @@ from postload.plan import TransformPlan, plan_transform
 from postload.report import publish_status, transform_on_sync_markdown
 from postload.retries import build_retry_options
 from postload.runs import record_build, supersede_waiting_runs
-from postload.sources import SourceTable, needs_manifest, source_tables
+from postload.sources import SourceTable, tables_for
 from postload.warehouse import Warehouse, open_warehouse, utcnow
 from postload.writer import warehouse_writer
 
@@ -70,11 +70,7 @@ def transform_on_sync(
     warehouse = open_warehouse(settings, pipeline)
     runner = open_dbt_runner(settings, existing_relations=warehouse.relations)
     project = DbtProject.from_settings(settings)
-    tables = source_tables(
-        pipeline,
-        project.manifest() if needs_manifest(pipeline) else None,
-        settings.pipeline_config_path,
-    )
+    tables = tables_for(settings, pipeline)
     if reason != "sweep" and settings.sync_debounce_seconds:
         # A short debounce: syncs finishing together land in this run instead of a follow-up.
         time.sleep(settings.sync_debounce_seconds)

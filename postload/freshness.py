@@ -168,30 +168,24 @@ def tracked_sources(
 
 def decide(
     tracked: list[TrackedSource],
-    latest: dict[tuple[str, str], Watermark],
-    full_builds: dict[tuple[str, str], Watermark],
+    marks: dict[tuple[str, str], Watermark],
     now: datetime,
     *,
     limits: FullRunConfig | None = None,
     last_full_build_at: datetime | None = None,
 ) -> FullRunDecision:
-    """Whether to build everything now. ``latest``: each table's watermark; ``full_builds``: the
-    same, covered by full builds only; ``last_full_build_at``: when the last successful full
-    build ended (for ``limits.min_interval`` and ``limits.cron``)."""
+    """Whether to build everything now. ``marks``: each table's watermark, its coverage counting
+    full builds only (``watermarks(tables, selection=FULL_BUILD.describe())``);
+    ``last_full_build_at``: when the last successful full build ended (for
+    ``limits.min_interval`` and ``limits.cron``)."""
     now_utc = as_utc(now)
     assert now_utc is not None
     sources = []
     for t in tracked:
         # each table's newest row, and the newest the last full build covered
-        marks = [
-            Watermark(
-                latest.get(table.key, _NONE).latest_loaded_at,
-                full_builds.get(table.key, _NONE).covered_loaded_at,
-            )
-            for table in t.tables
-        ]
-        loaded = max((m.latest_loaded_at for m in marks if m.latest_loaded_at), default=None)
-        covered = max((m.covered_loaded_at for m in marks if m.covered_loaded_at), default=None)
+        own = [marks.get(table.key, _NONE) for table in t.tables]
+        loaded = max((m.latest_loaded_at for m in own if m.latest_loaded_at), default=None)
+        covered = max((m.covered_loaded_at for m in own if m.covered_loaded_at), default=None)
         sources.append(
             SourceFreshness(
                 name=t.name,
@@ -200,7 +194,7 @@ def decide(
                 stale_after=t.stale_after,
                 alert_after=t.alert_after,
                 full_build_covered=covered,
-                new_since_full_build=any(m.pending for m in marks),
+                new_since_full_build=any(m.pending for m in own),
             )
         )
     stale = [s for s in sources if not s.fresh]

@@ -99,7 +99,7 @@ def test_pipeline_config_overrides_the_limits(tmp_path: Path) -> None:
 
 
 def test_all_fresh_and_new_data_runs(tmp_path: Path) -> None:
-    decision = decide(tracked(tmp_path), marks(customers=1, orders=2), {}, NOW)
+    decision = decide(tracked(tmp_path), marks(customers=1, orders=2), NOW)
     assert decision.run
     assert decision.covers == {
         "customers": ago(1).replace(tzinfo=UTC),
@@ -108,7 +108,7 @@ def test_all_fresh_and_new_data_runs(tmp_path: Path) -> None:
 
 
 def test_a_stale_source_blocks_and_is_named_with_its_age(tmp_path: Path) -> None:
-    decision = decide(tracked(tmp_path), marks(customers=1, orders=13), {}, NOW)
+    decision = decide(tracked(tmp_path), marks(customers=1, orders=13), NOW)
     assert not decision.run
     assert [s.name for s in decision.waiting_for] == ["orders"]
     assert "orders: STALE, last load 13.0 h ago (allowed 12.0 h)" in decision.reason
@@ -116,7 +116,7 @@ def test_a_stale_source_blocks_and_is_named_with_its_age(tmp_path: Path) -> None
 
 
 def test_a_never_loaded_source_blocks_and_is_past_its_deadline(tmp_path: Path) -> None:
-    decision = decide(tracked(tmp_path), marks(customers=1, orders=None), {}, NOW)
+    decision = decide(tracked(tmp_path), marks(customers=1, orders=None), NOW)
     assert not decision.run
     assert "orders: never loaded" in decision.reason
     assert [s.name for s in decision.past_deadline] == ["orders"]
@@ -125,7 +125,6 @@ def test_a_never_loaded_source_blocks_and_is_past_its_deadline(tmp_path: Path) -
 def test_nothing_new_since_the_last_full_build_does_not_run(tmp_path: Path) -> None:
     decision = decide(
         tracked(tmp_path),
-        marks(customers=1, orders=2),
         full(customers=(1, 1), orders=(2, 2)),
         NOW,
     )
@@ -137,7 +136,6 @@ def test_one_source_loading_again_waits_for_the_others(tmp_path: Path) -> None:
     """A single sync never wakes a full build: transform-on-sync builds what it changed."""
     decision = decide(
         tracked(tmp_path),
-        marks(customers=0.5, orders=2),
         full(customers=(0.5, 1), orders=(2, 2)),
         NOW,
     )
@@ -148,7 +146,6 @@ def test_one_source_loading_again_waits_for_the_others(tmp_path: Path) -> None:
 def test_every_source_loading_again_is_a_new_generation(tmp_path: Path) -> None:
     decision = decide(
         tracked(tmp_path),
-        marks(customers=0.5, orders=0.2),
         full(customers=(0.5, 1), orders=(0.2, 2)),
         NOW,
     )
@@ -159,18 +156,18 @@ def test_min_interval_holds_the_full_build_back(tmp_path: Path) -> None:
     config = pipeline(tmp_path, {"min_interval": "6h"})
     sources = track(config, manifest(customers=DBT_FRESHNESS, orders=DBT_FRESHNESS))
     new = marks(customers=0.5, orders=0.2)
-    held = decide(sources, new, {}, NOW, limits=config.full_run, last_full_build_at=ago(2))
+    held = decide(sources, new, NOW, limits=config.full_run, last_full_build_at=ago(2))
     assert not held.run and "full_run.min_interval is 6.0 h" in held.reason
-    assert decide(sources, new, {}, NOW, limits=config.full_run, last_full_build_at=ago(7)).run
+    assert decide(sources, new, NOW, limits=config.full_run, last_full_build_at=ago(7)).run
 
 
 def test_cron_allows_one_full_build_per_period(tmp_path: Path) -> None:
     config = pipeline(tmp_path, {"cron": "0 6 * * *"})  # NOW is 12:00 UTC
     sources = track(config, manifest(customers=DBT_FRESHNESS, orders=DBT_FRESHNESS))
     new = marks(customers=0.5, orders=0.2)
-    since_tick = decide(sources, new, {}, NOW, limits=config.full_run, last_full_build_at=ago(1))
+    since_tick = decide(sources, new, NOW, limits=config.full_run, last_full_build_at=ago(1))
     assert not since_tick.run and "already ran since 2026-11-26 06:00 UTC" in since_tick.reason
-    before_tick = decide(sources, new, {}, NOW, limits=config.full_run, last_full_build_at=ago(7))
+    before_tick = decide(sources, new, NOW, limits=config.full_run, last_full_build_at=ago(7))
     assert before_tick.run
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +56,7 @@ from tests.system.test_transform_on_sync_served import (
     START_TIMEOUT,
     ServedStack,
     start_parts,
+    stop_parts,
 )
 
 # Starts real processes (a served runner, a receiver) against the session's Prefect server.
@@ -472,27 +471,13 @@ def stack(
                     found[name] = deployment.id
             return found
 
-        def receiver_up() -> bool:
-            try:
-                return httpx.get(f"{stack.receiver_url}/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
         stack.deployments = stack.wait_for(served, "the served deployments", START_TIMEOUT)
         stack.deployment_id = stack.deployments[TRANSFORM]
-        stack.wait_for(receiver_up, "the receiver", START_TIMEOUT)
+        stack.wait_for(stack.receiver_up, "the receiver", START_TIMEOUT)
         stack.seen = {r.id for r in stack.runs()}
         yield stack
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_parts(procs)
         try:
             _leave_the_server_clean(stack)
         finally:

@@ -77,6 +77,12 @@ class ServedStack:
     runner_env: dict[str, str] = field(default_factory=dict)
     seen: set[uuid.UUID] = field(default_factory=set)
 
+    def receiver_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.receiver_url}/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
     def restart_runner(self) -> None:
         """Start ``postload serve`` again (after its process was killed), logging to the same file."""
         with self.logs[1].open("ab") as out:
@@ -186,6 +192,19 @@ def transformed_sources(home: PostloadHome, runs: list[Any]) -> list[str]:
     return sorted(source for (source,) in rows)
 
 
+def stop_parts(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Ctrl-C each part, as a person would; kill what has not stopped after 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_parts(
     commands: dict[str, list[str]], root: Path, env: dict[str, str]
 ) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
@@ -257,26 +276,12 @@ def served(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 except Exception:
                     return None
 
-        def receiver_up() -> bool:
-            try:
-                return httpx.get(f"{stack.receiver_url}/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
         stack.deployment_id = stack.wait_for(deployment, "the served deployment", START_TIMEOUT)
-        stack.wait_for(receiver_up, "the receiver", START_TIMEOUT)
+        stack.wait_for(stack.receiver_up, "the receiver", START_TIMEOUT)
         stack.seen = {r.id for r in stack.runs()}
         yield stack
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_parts(procs)
         monkeypatch.undo()
         for log in logs:
             assert_no_secret_in(log)

@@ -41,8 +41,8 @@ lint: setup
 
 ## Re-pin dependencies after editing pyproject.toml.
 lock: setup
-	$(BIN)/uv pip compile --quiet pyproject.toml --python-version 3.11 -o requirements.lock
-	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements-dev.lock
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra snowflake --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --extra snowflake --python-version 3.11 -o requirements-dev.lock
 
 ## Benchmarks (bench/README.md): they report, they never fail a build; CI does not run them.
 bench: setup

@@ -81,11 +81,17 @@ class Outbox:
                     (event_id, event_json, now),
                 )
                 inserted.append(cur.rowcount == 1)
+            # Inside the try: a commit refused by a full disk leaves the transaction open, and
+            # every later "begin" would fail until it is rolled back.
+            self._db.execute("commit")
         except BaseException:
-            self._db.execute("rollback")
+            self._rollback()
             raise
-        self._db.execute("commit")
         return inserted
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("rollback")
 
     def pending(self, limit: int) -> list[tuple[str, str]]:
         """The oldest events not yet forwarded (nor rejected): ``(id, event_json)``."""
@@ -99,10 +105,10 @@ class Outbox:
         self._db.execute("begin")
         try:
             self._db.executemany(sql, rows)
+            self._db.execute("commit")
         except BaseException:
-            self._db.execute("rollback")
+            self._rollback()
             raise
-        self._db.execute("commit")
 
     def mark_forwarded(self, ids: list[str]) -> None:
         now = _utcnow()

@@ -81,6 +81,9 @@ BACKOFF_MAX_SECONDS = 30.0
 # Forwarded rows are kept this long so that a redelivery still finds its row and counts as a
 # duplicate; it must exceed Fivetran's 24 h retry window.
 RETENTION = timedelta(days=7)
+# What a 503 for an unwritable outbox asks Fivetran to wait: long enough for an operator's alert
+# on a full disk to matter, short next to Fivetran's 24 h of retries.
+OUTBOX_UNWRITABLE_RETRY_AFTER_SECONDS = 60
 PRUNE_EVERY_SECONDS = 3600.0
 # After an oversized body is refused, up to this much more is read and discarded so the client
 # can read the 413 (closing a socket with unread input sends a TCP reset, which can destroy the
@@ -153,6 +156,8 @@ class Receiver:
         self.backoff_max = backoff_max
         self.retention = retention
         self.last_forward_error: str | None = None
+        # Why the last event could not be stored (healthz), until one is stored again.
+        self.last_record_error: str | None = None
         # POST /events attempts since start (healthz): how many events each request carries.
         self.forward_requests = 0
 
@@ -216,14 +221,37 @@ class Receiver:
     async def _fivetran(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         log: dict[str, Any] = {}
+        headers: dict[str, str] = {}
         try:
             status, body = await self._handle_fivetran(request, log)
+        except sqlite3.Error as exc:
+            # The outbox refused the write (disk full, read-only file or file system, locked):
+            # the event is not stored, so it must not be acknowledged. 503 + Retry-After makes
+            # Fivetran deliver it again; nothing acknowledged before is touched.
+            self.last_record_error = f"{type(exc).__name__}: {exc}"
+            log["error"] = "outbox_unwritable"
+            logger.error(
+                "the outbox %s could not store an event (%s): answering 503 so Fivetran retries",
+                self.outbox_path,
+                self.last_record_error,
+            )
+            status, body = (
+                503,
+                {
+                    "error": "the event could not be stored (the receiver's outbox is not "
+                    "writable): not accepted; retry later"
+                },
+            )
+            headers["Retry-After"] = str(OUTBOX_UNWRITABLE_RETRY_AFTER_SECONDS)
         except Exception:
             # The event was not recorded: a 5xx makes Fivetran deliver it again later.
             logger.exception("unexpected error handling a Fivetran webhook")
             status, body = 500, {"error": "internal error: the event was not recorded; retry"}
+        else:
+            if status == 202:
+                self.last_record_error = None
         _log_request(request, status, started, **log)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers or None)
 
     async def _handle_fivetran(
         self, request: Request, log: dict[str, Any]
@@ -324,7 +352,9 @@ class Receiver:
             oldest = datetime.fromisoformat(counts.oldest_pending_received_at)
             age = round((datetime.now(UTC) - oldest).total_seconds(), 3)
         body = {
-            "status": "ok",
+            # "degraded": the last event could not be stored (answered 503); forwarding goes on
+            "status": "ok" if self.last_record_error is None else "degraded",
+            "last_record_error": self.last_record_error,
             "pending": counts.pending,
             "forwarded": counts.forwarded,
             "rejected": counts.rejected,

@@ -10,6 +10,7 @@ bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -530,6 +531,79 @@ def test_kill_9_after_ack_loses_nothing(
     start_receiver(prefect_server, outbox)
     [event] = wait_for_events(prefect_server, "fivetran.sync.succeeded", connector)
     assert event["id"] == response.json()["event_id"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs) the test can fill."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as f:  # ENOSPC: the file system is full
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    return filler
+
+
+def test_unwritable_outbox_answers_503_and_loses_nothing_acknowledged(
+    unreachable_api: str,
+    start_receiver: Callable[..., ReceiverProcess],
+    small_filesystem: Path,
+) -> None:
+    outbox = small_filesystem / "outbox.sqlite3"
+    receiver = start_receiver(unreachable_api, outbox)  # forwarding fails: rows stay pending
+    accepted: set[str] = set()
+    for _ in range(3):
+        response = receiver.send(webhook(new_connector()))
+        assert response.status_code == 202
+        accepted.add(response.json()["event_id"])
+
+    # Full disk: SQLite may still fit a row or two in pages it holds; then every delivery must
+    # be refused with a 503 (never a 202 for an event it could not store).
+    filler = _fill(small_filesystem)
+    refused: list[dict[str, Any]] = []
+    for _ in range(40):
+        body = webhook(new_connector())
+        response = receiver.send(body)
+        assert response.status_code in (202, 503), response.text
+        if response.status_code == 202:
+            accepted.add(response.json()["event_id"])
+            continue
+        assert response.headers["Retry-After"] == "60"
+        assert "not accepted" in response.json()["error"]
+        refused.append(body)
+        if len(refused) == 3:
+            break
+    assert len(refused) == 3, "a full disk never produced a 503"
+    health = receiver.health()
+    assert health["status"] == "degraded" and "full" in health["last_record_error"]
+
+    # Space comes back; Fivetran's retries of the refused deliveries are accepted.
+    filler.unlink()
+    for body in refused:
+        response = receiver.send(body)
+        assert response.status_code == 202 and not response.json()["duplicate"]
+        accepted.add(response.json()["event_id"])
+    assert receiver.health()["status"] == "ok"
+
+    assert receiver.health()["pending"] == len(accepted)
+    receiver.stop()
+    assert {row["id"] for row in outbox_rows(outbox)} == accepted
 
 
 def test_event_refused_by_prefect_is_kept_aside(prefect_server: str, tmp_path: Path) -> None:

@@ -889,3 +889,33 @@ def test_the_receiver_decides_through_compare_digest(
     assert [result for _, _, result in comparisons.calls] == [False]
     assert app.post_signed(BODY).status_code == 202
     assert [result for _, _, result in comparisons.calls] == [False, True]
+
+
+def test_read_only_outbox_answers_503_then_accepts_the_retry(app: InProcessReceiver) -> None:
+    first = _sync_end("conn_ro_1")
+    assert app.post_signed(first).status_code == 202
+    # What SQLite answers for a read-only file or file system ("attempt to write a readonly
+    # database"), through the same connection the receiver writes with.
+    app.receiver.outbox._db.execute("pragma query_only = on")
+    second = _sync_end("conn_ro_2")
+    refused = app.post_signed(second)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "60"
+    assert app.get("/healthz").json()["status"] == "degraded"
+    app.receiver.outbox._db.execute("pragma query_only = off")
+    retried = app.post_signed(second)  # Fivetran delivers it again
+    assert retried.status_code == 202
+    assert app.get("/healthz").json()["status"] == "ok"
+    assert len(app.rows()) == 2
+
+
+def _sync_end(connector_id: str) -> bytes:
+    return json.dumps(
+        {
+            "event": "sync_end",
+            "created": "2026-12-04T10:00:00.000Z",
+            "connector_type": "postgres",
+            "connector_id": connector_id,
+            "sync_id": f"sync-{connector_id}",
+            "data": {"status": "SUCCESSFUL"},
+        }
+    ).encode()

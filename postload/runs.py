@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.responses import OrchestrationResult
 
 
-def supersede_waiting_runs() -> list[str]:
+def supersede_waiting_runs(known_connectors: Collection[str] | None = None) -> list[str]:
     """Cancel the runs of this run's deployment that are due but waiting, as covered by this one.
 
     postload's flows run one at a time per deployment, and a run started while another runs
@@ -26,7 +26,11 @@ def supersede_waiting_runs() -> list[str]:
     that came before this run's plan, and the flows decide what to build from the warehouse, not
     from the event: this run builds their data, so they are cancelled instead of starting one
     after another to find nothing to do. Runs scheduled for later (the sweep) are left alone.
-    Called before the first plan; returns the names of the runs it cancelled.
+
+    A waiting run woken for a Fivetran connector postload.yaml does not map is left alone too:
+    its job is to announce that connector (``postload.connector.unknown``), which no other run
+    does. ``known_connectors`` defaults to postload.yaml's, read only when a waiting run names
+    a connector. Called before the first plan; returns the names of the runs it cancelled.
     """
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -57,6 +61,12 @@ def supersede_waiting_runs() -> list[str]:
         for other in waiting:
             if other.id == run.id:
                 continue
+            connector_id = (other.parameters or {}).get("connector_id")
+            if connector_id is not None:
+                if known_connectors is None:
+                    known_connectors = _known_connectors()
+                if connector_id not in known_connectors:
+                    continue
             result: OrchestrationResult[Any] = client.set_flow_run_state(
                 other.id,
                 Cancelled(
@@ -67,6 +77,12 @@ def supersede_waiting_runs() -> list[str]:
             if result.state is not None and result.state.is_cancelled():
                 cancelled.append(other.name)
     return cancelled
+
+
+def _known_connectors() -> set[str]:
+    from postload.config import Settings
+
+    return set(Settings().load_pipeline().connector_ids)
 
 
 def current_flow_run_id() -> str:

@@ -15,8 +15,8 @@ from postload.runs import supersede_waiting_runs
 
 
 @flow(name="postload-supersede-probe")
-def supersede_probe() -> list[str]:
-    return supersede_waiting_runs()
+def supersede_probe(connector_id: str | None = None) -> list[str]:
+    return supersede_waiting_runs(known_connectors={"mapped"})
 
 
 def test_a_starting_run_cancels_the_due_runs_of_its_deployment_but_not_later_ones(
@@ -46,3 +46,22 @@ def test_a_starting_run_cancels_the_due_runs_of_its_deployment_but_not_later_one
 
 def test_outside_a_deployment_run_nothing_is_superseded(prefect_server: str) -> None:
     assert supersede_probe() == []
+
+
+def test_a_run_woken_for_an_unmapped_connector_is_not_superseded(prefect_server: str) -> None:
+    # A burst: syncs of a mapped and an unmapped connector wait behind a starting run. Only the
+    # unmapped connector's run can announce it, so it must be left to start.
+    deployment_id = supersede_probe.to_deployment(name=f"probe-{uuid.uuid4().hex[:8]}").apply()
+    with get_client(sync_client=True) as client:
+        mapped = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"connector_id": "mapped"}
+        )
+        unmapped = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"connector_id": "not_mapped"}
+        )
+        starting = client.create_flow_run_from_deployment(deployment_id)
+
+        cancelled = run_flow(supersede_probe, flow_run=client.read_flow_run(starting.id))
+
+        assert cancelled == [mapped.name]
+        assert client.read_flow_run(unmapped.id).state.is_scheduled()

@@ -367,6 +367,7 @@ def demo(
     models, then one full build once every source is fresh, and the pipeline status."""
     from postload.local.demo import run_demo
 
+    _stop_on_ctrl_c_and_sigterm()
     sys.exit(run_demo(Settings(), api_port=port, keep_running=keep_running, echo=typer.echo))
 
 
@@ -380,6 +381,18 @@ def _restore_ctrl_c() -> None:
     the stack's children get SIGINT back too.
     """
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _stop_on_ctrl_c_and_sigterm() -> None:
+    """For the commands that start processes (stack, demo): Ctrl-C, and SIGTERM (a service
+    manager, `kill`, CI ending a job), both raise KeyboardInterrupt, so the command stops
+    everything it started on the way out; background jobs included (``_restore_ctrl_c``)."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    _restore_ctrl_c()
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @app.command()
@@ -398,11 +411,7 @@ def stack(
     how to send a test event. Ctrl-C stops everything it started."""
     from postload.local.stack import LocalStack, StackError
 
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    _restore_ctrl_c()
-    signal.signal(signal.SIGTERM, interrupt)
+    _stop_on_ctrl_c_and_sigterm()
     local = LocalStack(
         Settings(),
         api_port=port,
@@ -537,7 +546,7 @@ def serve(
 
     from postload.local.serve import ApiNotReadyError, serve_deployments
 
-    _restore_ctrl_c()
+    _stop_on_ctrl_c_and_sigterm()
     if not PREFECT_API_URL.value():
         raise _fail(
             "PREFECT_API_URL is not set: `postload serve` needs a running Prefect server "
@@ -555,6 +564,8 @@ def serve(
             warm=warm,
             heartbeat_seconds=Settings().run_heartbeat_seconds,
         )
+    except KeyboardInterrupt:  # stopped before the runner started (it reports its own stop)
+        typer.echo("stopped")
     except (ValueError, ApiNotReadyError) as exc:
         raise _fail(str(exc)) from None
 

@@ -24,7 +24,7 @@ import multiprocessing
 import multiprocessing.context
 from typing import Any
 
-__all__ = ["PRELOAD_MODULES", "install", "preload", "start_preloading"]
+__all__ = ["PRELOAD_MODULES", "install", "preload", "start_preloading", "stop"]
 
 # What a transform flow run would otherwise import before its first dbt node (measured by
 # diffing sys.modules in a forked child: ~1,600 modules, 970 of them the Snowflake connector that
@@ -143,6 +143,31 @@ def start_preloading() -> bool:
     )
     forkserver.ensure_running()
     return True
+
+
+def stop() -> None:
+    """Stop the forkserver this process started, if any.
+
+    It would exit by itself when this process's end closes its pipe, but only once it reads the
+    pipe again: while it imports (~20 s) it would outlive a stopped ``postload serve``.
+    """
+    import os
+    import signal
+    from multiprocessing import forkserver
+
+    # multiprocessing has no public way to stop its forkserver; _stop() exists from 3.12 on.
+    server = forkserver._forkserver
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+    for name in ("_forkserver_pid", "_forkserver_address", "_forkserver_alive_fd"):
+        if hasattr(server, name):
+            setattr(server, name, None)
 
 
 def install(*, warm_now: bool = True) -> bool:

@@ -368,27 +368,35 @@ def serve_deployments(
         # First: the forkserver's imports then overlap this process's own (flows, runner).
         _warm_start.start_preloading()
 
-    import asyncio
-
-    from prefect.exceptions import TerminationSignal
-    from prefect.runner import Runner
-
-    served = served_flows(prefect_yaml, only=only, with_schedules=with_schedules)
-    if with_schedules:
-        from_config = {s.name for s in deployment_specs(prefect_yaml) if s.copy_source_schedules}
-        for _, kwargs in served:
-            if kwargs["name"] in from_config:
-                print(f"{kwargs['name']}: {describe_copy_source_schedules(kwargs['schedules'])}")
-    # Warm up before the deployments exist, so no run is created that a cold start would serve.
-    if warm and _warm_start.install():
-        print("flow runs start from a warm process (Prefect, dbt and postload preloaded)")
-    wait_for_api(api_timeout_s)
-    runner = Runner(name="postload", heartbeat_seconds=heartbeat_seconds)
-    for flow, kwargs in served:
-        runner.add_flow(flow, **kwargs)
-    names = ", ".join(kwargs["name"] for _, kwargs in served)
-    print(f"serving {len(served)} deployment(s) from {prefect_yaml}: {names} (Ctrl-C stops)")
     try:
-        asyncio.run(runner.start())
-    except (KeyboardInterrupt, TerminationSignal):
-        print("stopped")
+        import asyncio
+
+        from prefect.exceptions import TerminationSignal
+        from prefect.runner import Runner
+
+        served = served_flows(prefect_yaml, only=only, with_schedules=with_schedules)
+        if with_schedules:
+            from_config = {
+                s.name for s in deployment_specs(prefect_yaml) if s.copy_source_schedules
+            }
+            for _, kwargs in served:
+                if kwargs["name"] in from_config:
+                    print(
+                        f"{kwargs['name']}: {describe_copy_source_schedules(kwargs['schedules'])}"
+                    )
+        # Warm up before the deployments exist, so no run is created that a cold start would serve.
+        if warm and _warm_start.install():
+            print("flow runs start from a warm process (Prefect, dbt and postload preloaded)")
+        wait_for_api(api_timeout_s)
+        runner = Runner(name="postload", heartbeat_seconds=heartbeat_seconds)
+        for flow, kwargs in served:
+            runner.add_flow(flow, **kwargs)
+        names = ", ".join(kwargs["name"] for _, kwargs in served)
+        print(f"serving {len(served)} deployment(s) from {prefect_yaml}: {names} (Ctrl-C stops)")
+        try:
+            asyncio.run(runner.start())
+        except (KeyboardInterrupt, TerminationSignal):
+            print("stopped")
+    finally:
+        # The warm-start process must not outlive serve (it may still be importing).
+        _warm_start.stop()

@@ -1,25 +1,20 @@
 """CloudDbtRunner against a stateful fake of the dbt Cloud v2 Administrative API (respx).
 
-The fake follows the documented shapes: every JSON answer is the ``{"status": {...}, "data": ...}``
-envelope; runs carry ``id``, ``status`` (1 queued, 2 starting, 3 running, 10 success, 20 error,
-30 cancelled), ``status_humanized``, ``href``, ``is_complete``/``is_success``/``is_error``/
-``is_cancelled``/``in_progress``, ``job_definition_id``; the trigger's ``cause`` and
-``steps_override`` live on the related ``trigger`` object (``include_related=['trigger']``);
-artifacts are served raw. No test sleeps for real: sleep and clock are a fake clock.
+The fake (``tests/fake_dbt_cloud.py``) follows the documented shapes and refuses what dbt Cloud
+is not documented to accept. No test sleeps for real: sleep and clock are a fake clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 import respx
+from prefect.exceptions import TerminationSignal
+from prefect.flow_engine import FlowRunTimeoutError
 from prefect_dbt.cloud import DbtCloudCredentials
 
 from postload.config import Selection, Settings
@@ -30,270 +25,21 @@ from postload.dbt._cloud import (
     DbtCloudError,
     DbtCloudRunTimeoutError,
     DbtCloudUnavailableError,
+    include_related_param,
     node_from_run_result,
 )
-from tests.conftest import suite_secret
+from tests.fake_dbt_cloud import (
+    ACCOUNT,
+    API_KEY,
+    DEFAULT_JOB,
+    SOURCE_JOB,
+    FakeClock,
+    FakeDbtCloud,
+    node,
+    run_results,
+)
 
-ACCOUNT = 123
-DEFAULT_JOB = 42
-SOURCE_JOB = 77
-API_KEY = suite_secret("dbt Cloud: API key", "dbtc_TOPSECRET_k3y_do_not_leak_5f1e")
-HOST = "cloud.getdbt.com"
-PREFIX = f"/api/v2/accounts/{ACCOUNT}"
-STATUS_NAMES = {
-    1: "Queued",
-    2: "Starting",
-    3: "Running",
-    10: "Success",
-    20: "Error",
-    30: "Cancelled",
-}
 EVENTS = Selection(select="source:events+")
-
-
-def _ok(data: Any, extra: dict | None = None, code: int = 200) -> httpx.Response:
-    body: dict[str, Any] = {
-        "status": {
-            "code": code,
-            "is_success": True,
-            "user_message": "Success!",
-            "developer_message": "",
-        },
-        "data": data,
-    }
-    if extra is not None:
-        body["extra"] = extra
-    return httpx.Response(code, json=body)
-
-
-def _err(code: int, message: str) -> httpx.Response:
-    body = {
-        "status": {
-            "code": code,
-            "is_success": False,
-            "user_message": message,
-            "developer_message": "",
-        },
-        "data": None,
-    }
-    return httpx.Response(code, json=body)
-
-
-def run_results(*results: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/run-results/v6.json"},
-        "results": list(results),
-        "elapsed_time": 3.2,
-        "args": {"which": "build"},
-    }
-
-
-def node(
-    unique_id: str, status: str = "success", message: str | None = None, rows: int | None = 5
-) -> dict[str, Any]:
-    return {
-        "unique_id": unique_id,
-        "status": status,
-        "timing": [
-            {
-                "name": "compile",
-                "started_at": "2025-01-02T03:04:00.000000Z",
-                "completed_at": "2025-01-02T03:04:01.000000Z",
-            },
-            {
-                "name": "execute",
-                "started_at": "2025-01-02T03:04:01.500000Z",
-                "completed_at": "2025-01-02T03:04:03.000000Z",
-            },
-        ],
-        "thread_id": "Thread-1",
-        "execution_time": 1.75,
-        "adapter_response": {"_message": "OK", "code": "SUCCESS", "rows_affected": rows},
-        "message": message,
-        "failures": 1 if status in ("fail", "error") else 0,
-    }
-
-
-@dataclass
-class FakeDbtCloud:
-    """A small stateful dbt Cloud: jobs, triggers, runs that advance on each poll, artifacts."""
-
-    jobs: set[int] = field(default_factory=lambda: {DEFAULT_JOB, SOURCE_JOB})
-    api_key: str = API_KEY
-    # the statuses successive GET /runs/{id}/ return (the last one repeats)
-    script: list[int] = field(default_factory=lambda: [1, 3, 10])
-    artifact: dict[str, Any] | None = field(
-        default_factory=lambda: run_results(node("model.shop.stg_events"))
-    )
-    status_message: str | None = None
-    # planned trigger failures, consumed in order: "429", "500" (nothing created),
-    # "500-lost" (the run IS created, the answer is a 500), "drop-lost" (created, connection drops)
-    trigger_failures: list[str] = field(default_factory=list)
-    # fail the next N GET /runs/{id}/ with 503
-    poll_failures: int = 0
-    # adversarial, NOT dbt Cloud behaviour: echo the Authorization header in error messages
-    echo_auth: bool = False
-
-    trigger_attempts: int = 0
-    trigger_bodies: list[dict[str, Any]] = field(default_factory=list)
-    triggered_jobs: list[int] = field(default_factory=list)
-    runs: dict[int, dict[str, Any]] = field(default_factory=dict)
-    triggers: dict[int, dict[str, Any]] = field(default_factory=dict)
-    polls: dict[int, int] = field(default_factory=dict)
-    list_calls: list[dict[str, str]] = field(default_factory=list)
-    next_id: int = 9000
-
-    def install(self, router: respx.MockRouter) -> None:
-        base = dict(scheme="https", host=HOST)
-        router.post(**base, path__regex=rf"^{PREFIX}/jobs/(?P<job>\d+)/run/$").mock(
-            side_effect=self._trigger
-        )
-        router.get(**base, path__regex=rf"^{PREFIX}/runs/$").mock(side_effect=self._list_runs)
-        router.get(**base, path__regex=rf"^{PREFIX}/runs/(?P<run>\d+)/$").mock(
-            side_effect=self._get_run
-        )
-        router.get(
-            **base, path__regex=rf"^{PREFIX}/runs/(?P<run>\d+)/artifacts/(?P<path>.+)$"
-        ).mock(side_effect=self._artifact)
-
-    # -- endpoints
-
-    def _auth(self, request: httpx.Request) -> httpx.Response | None:
-        header = request.headers.get("authorization", "")
-        if header in (f"Bearer {self.api_key}", f"Token {self.api_key}"):
-            return None
-        detail = f" (got {header!r})" if self.echo_auth else ""
-        return _err(401, f"Invalid token.{detail}")
-
-    def _trigger(self, request: httpx.Request, job: str) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        self.trigger_attempts += 1
-        body = json.loads(request.content)
-        self.trigger_bodies.append(body)
-        failure = self.trigger_failures.pop(0) if self.trigger_failures else None
-        if failure == "429":
-            return _err(429, "Too many requests")
-        if failure == "500":
-            return _err(500, "Internal server error")
-        if int(job) not in self.jobs:
-            return _err(404, "The requested resource was not found.")
-        run = self._create_run(int(job), body)
-        if failure == "500-lost":
-            return _err(500, "Internal server error")
-        if failure == "drop-lost":
-            raise httpx.ReadError("connection reset by peer", request=request)
-        return _ok(self._public(run))
-
-    def _get_run(self, request: httpx.Request, run: str) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        if self.poll_failures:
-            self.poll_failures -= 1
-            return _err(503, "Service unavailable")
-        rid = int(run)
-        if rid not in self.runs:
-            return _err(404, "The requested resource was not found.")
-        n = self.polls.get(rid, 0)
-        self.polls[rid] = n + 1
-        self._set_status(self.runs[rid], self.script[min(n, len(self.script) - 1)])
-        return _ok(self._public(self.runs[rid], request))
-
-    def _list_runs(self, request: httpx.Request) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        q = dict(request.url.params)
-        self.list_calls.append(q)
-        runs = list(self.runs.values())
-        if "job_definition_id" in q:
-            runs = [r for r in runs if r["job_definition_id"] == int(q["job_definition_id"])]
-        order = q.get("order_by", "id")
-        runs.sort(key=lambda r: r["id"], reverse=order.startswith("-"))
-        total = len(runs)
-        limit = int(q.get("limit", 100))
-        runs = runs[:limit]
-        return _ok(
-            [self._public(r, request) for r in runs],
-            extra={
-                "filters": {"limit": limit, "offset": 0},
-                "order_by": order,
-                "pagination": {"count": len(runs), "total_count": total},
-            },
-        )
-
-    def _artifact(self, request: httpx.Request, run: str, path: str) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        rid = int(run)
-        if rid not in self.runs or path != "run_results.json" or self.artifact is None:
-            return _err(404, "The requested resource was not found.")
-        if not self.runs[rid]["is_complete"]:
-            return _err(404, "The requested resource was not found.")
-        return httpx.Response(200, json=self.artifact)  # artifacts are served raw, no envelope
-
-    # -- state
-
-    def _create_run(self, job: int, body: dict[str, Any]) -> dict[str, Any]:
-        self.next_id += 1
-        rid = self.next_id
-        self.triggered_jobs.append(job)
-        self.triggers[rid] = {
-            "id": rid + 500,
-            "cause": body.get("cause"),
-            "job_definition_id": job,
-            "steps_override": body.get("steps_override"),
-            "schema_override": body.get("schema_override"),
-        }
-        run = {
-            "id": rid,
-            "trigger_id": rid + 500,
-            "account_id": ACCOUNT,
-            "environment_id": 5,
-            "project_id": 6,
-            "job_definition_id": job,
-            "job_id": job,
-            "status_message": None,
-            "git_branch": "main",
-            "href": f"https://{HOST}/deploy/{ACCOUNT}/projects/6/runs/{rid}/",
-        }
-        self._set_status(run, 1)
-        self.runs[rid] = run
-        return run
-
-    def _set_status(self, run: dict[str, Any], status: int) -> None:
-        run.update(
-            status=status,
-            status_humanized=STATUS_NAMES[status],
-            in_progress=status in (1, 2, 3),
-            is_complete=status in (10, 20, 30),
-            is_success=status == 10,
-            is_error=status == 20,
-            is_cancelled=status == 30,
-            is_running=status == 3,
-            status_message=self.status_message if status in (20, 30) else None,
-        )
-
-    def _public(self, run: dict[str, Any], request: httpx.Request | None = None) -> dict[str, Any]:
-        out = dict(run)
-        related = request.url.params.get("include_related", "") if request else ""
-        if "trigger" in related:
-            out["trigger"] = dict(self.triggers[run["id"]])
-        return out
-
-
-class FakeClock:
-    """``sleep`` advances ``now``; nothing waits for real."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -347,8 +93,9 @@ def test_success_triggers_default_job_with_steps_override_and_reads_nodes(fake, 
     assert CAUSE_TOKEN.search(body["cause"])
 
     (run_id,) = fake.runs
-    assert fake.polls[run_id] == 3  # 1 queued -> 3 running -> 10 success
+    assert fake.polls[run_id] >= 3  # 1 queued -> 3 running -> 10 success (then its steps)
     assert clock.sleeps == [10, 10]
+    assert fake.rerun_calls == [] and fake.cancel_calls == []
     assert result.status == "success"
     assert result.run_id == run_id
     assert result.run_url == fake.runs[run_id]["href"]
@@ -393,7 +140,7 @@ def test_errored_run_returns_failed_nodes_without_raising(fake, clock):
         node("model.shop.events_daily", status="error", message="Division by zero", rows=None),
         node("test.shop.unique_events_daily_day.0123456789", status="skipped"),
     )
-    result = make_runner(clock).build(EVENTS, cause="c")
+    result = make_runner(clock, reruns=0).build(EVENTS, cause="c")
 
     assert result.status == "error"
     assert [n.name for n in result.failed_nodes] == ["events_daily"]
@@ -431,15 +178,26 @@ def test_cancelled_run_is_not_success_and_says_cancelled(fake, clock):
 # ---------------------------------------------------------------------- 4. 429
 
 
-def test_rate_limited_trigger_is_retried_and_creates_one_run(fake, clock):
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"),
+    [
+        ("30", 30, 30),  # the server's Retry-After, longer than the backoff: honoured
+        ("1", 5, 7.5),  # shorter: the base delay plus up to 50 % jitter
+        ("900", 300, 300),  # absurd: capped
+    ],
+)
+def test_rate_limited_trigger_waits_for_retry_after_and_creates_one_run(
+    fake, clock, retry_after, low, high
+):
     fake.trigger_failures = ["429"]
+    fake.retry_after = retry_after
     result = make_runner(clock).build(EVENTS, cause="c")
 
     assert fake.trigger_attempts == 2
     assert len(fake.runs) == 1
     assert fake.list_calls == []  # a 429 was not accepted: no need to look for a run
     assert result.status == "success"
-    assert 5 <= clock.sleeps[0] <= 7.5  # base delay plus up to 50 % jitter
+    assert low <= clock.sleeps[0] <= high
     assert fake.trigger_bodies[0]["cause"] == fake.trigger_bodies[1]["cause"]
 
 
@@ -472,8 +230,7 @@ def test_500_that_created_nothing_is_retried_after_checking(fake, clock):
 
 
 def test_lost_response_does_not_adopt_someone_elses_run(fake, clock):
-    other = fake._create_run(DEFAULT_JOB, {"cause": "scheduled run"})
-    fake._set_status(other, 3)
+    other = fake.create_run(DEFAULT_JOB, {"cause": "scheduled run"})
     fake.trigger_failures = ["500"]
     result = make_runner(clock).build(EVENTS, cause="c")
 
@@ -498,11 +255,12 @@ def test_trigger_giving_up_says_a_run_may_exist(fake, clock):
 # ---------------------------------------------------------------------- 6. per-source job
 
 
-def test_per_source_job_runs_as_is(fake, clock):
+def test_per_source_job_runs_the_selection_with_steps_override(fake, clock):
     result = make_runner(clock).build(EVENTS, cause="c", job_id=SOURCE_JOB)
 
     assert fake.triggered_jobs == [SOURCE_JOB]
-    assert "steps_override" not in fake.trigger_bodies[0]
+    # the job supplies environment, target and settings; postload supplies what to build
+    assert fake.trigger_bodies[0]["steps_override"] == ["dbt build --select source:events+"]
     assert result.selection == "--select source:events+"
     assert result.status == "success"
 

@@ -439,3 +439,250 @@ def test_node_timing_falls_back_to_compile():
     result = node_from_run_result(entry)
     assert result.started_at is not None and result.started_at.isoformat() == "2025-01-02T03:04:00"
     assert result.rows_affected is None
+
+
+# ---------------------------------------------------------------------- retry from failure
+
+FAILED_BUILD = run_results(
+    node("model.shop.stg_events"),
+    node("model.shop.events_daily", status="error", message="Lock wait timeout", rows=None),
+    node("test.shop.unique_events_daily_day.0123456789", status="skipped"),
+)
+RETRIED = run_results(
+    node("model.shop.events_daily", rows=7),
+    node("test.shop.unique_events_daily_day.0123456789", status="pass", rows=0),
+)
+
+
+def test_failed_run_is_retried_from_failure_once_never_retriggered(fake, clock):
+    fake.script = [3, 20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_artifact = RETRIED
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    first, rerun = sorted(fake.runs)
+    assert fake.trigger_attempts == 1  # never a second trigger
+    assert fake.rerun_calls == [DEFAULT_JOB]  # exactly one /rerun/
+    assert fake.triggers[rerun]["cause"] == f"Rerun of run {first} from failure"
+    assert result.status == "success"
+    assert (result.run_id, result.run_url) == (rerun, fake.runs[rerun]["href"])
+    # the rerun's nodes replace the failed and skipped ones; what had succeeded stays
+    assert {n.unique_id: n.status for n in result.nodes} == {
+        "model.shop.stg_events": "success",
+        "model.shop.events_daily": "success",
+        "test.shop.unique_events_daily_day.0123456789": "pass",
+    }
+    assert result.retried == [
+        ["model.shop.events_daily", "test.shop.unique_events_daily_day.0123456789"]
+    ]
+    assert f"retried from failure as run {rerun}" in (result.message or "")
+
+
+def test_rerun_that_fails_again_stops_after_the_configured_reruns(fake, clock):
+    fake.script = [20]
+    fake.rerun_script = [20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_artifact = run_results(
+        node("model.shop.events_daily", status="error", message="still locked", rows=None)
+    )
+    result = make_runner(clock, reruns=2).build(EVENTS, cause="c")
+
+    assert fake.rerun_calls == [DEFAULT_JOB, DEFAULT_JOB]
+    assert fake.trigger_attempts == 1
+    assert result.status == "error"
+    assert [n.message for n in result.failed_nodes] == ["still locked"]
+    assert len(result.retried) == 2
+
+
+def test_failed_data_tests_alone_are_not_retried(fake, clock):
+    fake.script = [20]
+    fake.artifact = run_results(
+        node("model.shop.events_daily"),
+        node("test.shop.accepted_values_x.0123456789", status="fail", message="Got 3 results"),
+    )
+    result = make_runner(clock, reruns=3).build(EVENTS, cause="c")
+
+    assert fake.rerun_calls == []
+    assert result.status == "error"
+    assert [n.name for n in result.failed_nodes] == ["accepted_values_x"]
+
+
+def test_no_rerun_when_the_jobs_latest_run_is_not_ours(fake, clock):
+    """``/rerun/`` acts on the job's latest run: another run of the job meanwhile means no."""
+    fake.script = [3, 20]
+    fake.artifact = FAILED_BUILD
+    clock.on_sleep = lambda n: fake.create_run(DEFAULT_JOB, {"cause": "Scheduled"})
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    ours, theirs = sorted(fake.runs)
+    assert fake.rerun_calls == []
+    assert result.status == "error" and result.run_id == ours
+    assert f"latest run of job {DEFAULT_JOB} is now run {theirs}" in (result.message or "")
+
+
+def test_rerun_whose_answer_was_lost_is_not_sent_again(fake, clock):
+    fake.script = [20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_failures = ["500-lost"]  # dbt Cloud created the rerun, the answer is a 500
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    first, created = sorted(fake.runs)
+    assert fake.rerun_calls == [DEFAULT_JOB]  # not a second /rerun/ (it would rerun the rerun)
+    assert result.status == "error" and result.run_id == first
+    assert f"is now run {created}" in (result.message or "")
+
+
+def test_rerun_that_created_nothing_is_sent_again(fake, clock):
+    fake.script = [20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_artifact = RETRIED
+    fake.rerun_failures = ["500"]
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    assert fake.rerun_calls == [DEFAULT_JOB, DEFAULT_JOB]
+    assert len(fake.runs) == 2
+    assert result.status == "success"
+
+
+def test_a_task_retry_never_reruns_a_cloud_build_whole(monkeypatch):
+    from postload.retries import build_retry_options
+
+    monkeypatch.setenv("POSTLOAD_DBT_RUNNER", "cloud")
+    monkeypatch.setenv("POSTLOAD_RETRIES", "5")
+    assert build_retry_options(Settings(_env_file=None)) == {"retries": 0}
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize(
+    "interruption",
+    [TerminationSignal(signal=15), FlowRunTimeoutError("Scope timed out after 60 second(s).")],
+    ids=["prefect-cancel", "flow-timeout"],
+)
+def test_interrupted_wait_cancels_the_run_and_reraises(fake, clock, caplog, interruption):
+    fake.script = [1, 3]
+
+    def interrupt(n: int) -> None:
+        raise interruption
+
+    clock.on_sleep = interrupt
+    with pytest.raises(type(interruption)):
+        make_runner(clock).build(EVENTS, cause="c")
+
+    (run_id,) = fake.runs
+    assert fake.cancel_calls == [run_id]
+    assert fake.runs[run_id]["status"] == 30
+    assert fake.trigger_attempts == 1 and fake.rerun_calls == []
+    assert any(
+        "cancelled" in r.getMessage() and fake.runs[run_id]["href"] in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_interrupted_rerun_wait_cancels_the_rerun(fake, clock):
+    fake.script = [20]
+    fake.rerun_script = [1, 3]
+    fake.artifact = FAILED_BUILD
+
+    def interrupt(n: int) -> None:
+        raise TerminationSignal(signal=15)
+
+    clock.on_sleep = interrupt
+    with pytest.raises(TerminationSignal):
+        make_runner(clock).build(EVENTS, cause="c")
+
+    _first, rerun = sorted(fake.runs)
+    assert fake.cancel_calls == [rerun]
+
+
+def test_cancel_that_fails_is_logged_and_the_interruption_still_raised(fake, clock, caplog):
+    fake.script = [1]
+
+    def interrupt(n: int) -> None:
+        fake.runs.clear()  # the cancel gets a 404
+        raise TerminationSignal(signal=15)
+
+    clock.on_sleep = interrupt
+    with pytest.raises(TerminationSignal):
+        make_runner(clock).build(EVENTS, cause="c")
+    assert any("cancelling the run failed" in r.getMessage() for r in caplog.records)
+
+
+def test_our_own_wait_limit_leaves_the_run_alone(fake, clock):
+    fake.script = [1]
+    with pytest.raises(DbtCloudRunTimeoutError):
+        make_runner(clock, max_wait_seconds=30).build(EVENTS, cause="c")
+    assert fake.cancel_calls == []
+
+
+# ---------------------------------------------------------------------- steps, progress, API form
+
+
+def test_every_dbt_node_step_is_read_and_merged(fake, clock):
+    # the job's own steps stay around steps_override: a seed before, docs generation after
+    fake.steps_before[DEFAULT_JOB] = ["dbt seed"]
+    fake.steps_after[DEFAULT_JOB] = ["dbt docs generate"]
+    fake.step_artifacts = {
+        "dbt seed": run_results(node("seed.shop.countries", rows=250)),
+        # docs generate lists compiled models: not build results
+        "dbt docs generate": run_results(node("model.shop.only_compiled")),
+    }
+    fake.artifact = run_results(node("model.shop.stg_events"), node("model.shop.events_daily"))
+    result = make_runner(clock).build(EVENTS, cause="c")
+
+    (run_id,) = fake.runs
+    # steps: 1 clone, 2 profile, 3 deps, 4 seed, 5 build, 6 docs generate
+    assert sorted(step for rid, step in fake.artifact_requests if rid == run_id) == [4, 5]
+    assert [n.unique_id for n in result.nodes] == [
+        "seed.shop.countries",
+        "model.shop.stg_events",
+        "model.shop.events_daily",
+    ]
+    assert result.status == "success"
+
+
+def test_a_line_per_poll_with_the_runs_link_and_status(fake, clock, caplog):
+    caplog.set_level(logging.INFO)
+    fake.script = [1, 2, 3, 3, 10]
+    make_runner(clock).build(EVENTS, cause="c")
+
+    (run_id,) = fake.runs
+    href = fake.runs[run_id]["href"]
+    lines = [r.getMessage() for r in caplog.records if href in r.getMessage()]
+    progress = [line for line in lines if line.startswith(f"dbt Cloud run {run_id}: ")]
+    assert [line.split(": ")[1].split(" after")[0] for line in progress] == [
+        "Queued",
+        "Starting",
+        "Running",
+        "Running",
+        "Success",
+    ]
+
+
+def test_include_related_is_sent_as_the_documented_json_list(fake, clock):
+    assert include_related_param(["trigger"]) == '["trigger"]'
+    fake.trigger_failures = ["500-lost"]
+    make_runner(clock).build(EVENTS, cause="c")
+    (listing,) = fake.list_calls
+    assert listing["include_related"] == '["trigger"]'
+
+
+def test_the_fake_refuses_undocumented_forms():
+    """The fake is strict, so the tests above prove the runner sends the documented forms."""
+    import httpx
+
+    cloud = FakeDbtCloud()
+    base = f"https://cloud.getdbt.com/api/v2/accounts/{ACCOUNT}"
+    with respx.mock(assert_all_called=False) as router:
+        cloud.install(router)
+        run = cloud.create_run(DEFAULT_JOB, {"cause": "x"})
+        token = {"Authorization": f"Token {API_KEY}"}
+        url = f"{base}/runs/{run['id']}/"
+        assert httpx.get(url, headers=token).status_code == 200
+        assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+        for form in ("['trigger']", "trigger"):
+            got = httpx.get(url, headers=token, params={"include_related": form})
+            assert got.status_code == 400, form
+        got = httpx.get(url, headers=token, params={"include_related": '["trigger"]'})
+        assert got.json()["data"]["trigger"]["cause"] == "x"

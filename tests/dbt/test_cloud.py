@@ -686,3 +686,78 @@ def test_the_fake_refuses_undocumented_forms():
             assert got.status_code == 400, form
         got = httpx.get(url, headers=token, params={"include_related": '["trigger"]'})
         assert got.json()["data"]["trigger"]["cause"] == "x"
+
+
+# ---------------------------------------------------------------------- parsing without credentials
+
+
+def _cloud_settings(tmp_path, monkeypatch, warehouse: str) -> Settings:
+    for name in ("DBT_PROFILES_DIR", "DBT_TARGET", "DBT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.dbt/profiles.yml to fall back on
+    project = tmp_path / "shop"
+    (project / "models").mkdir(parents=True)
+    (project / "dbt_project.yml").write_text(
+        'name: shop\nversion: "1.0.0"\nprofile: shop_prod\n'
+        "flags:\n  send_anonymous_usage_stats: false\n"
+    )
+    (project / "models" / "sources.yml").write_text(
+        "version: 2\nsources:\n  - name: shopify\n    schema: fivetran_shopify\n"
+        "    tables: [{name: orders}]\n"
+    )
+    (project / "models" / "stg_orders.sql").write_text(
+        "select * from {{ source('shopify', 'orders') }}\n"
+    )
+    return Settings(
+        _env_file=None,
+        project_dir=tmp_path,
+        dbt_project_dir=project,
+        dbt_runner="cloud",
+        warehouse=warehouse,
+    )
+
+
+def test_cloud_mode_parses_a_snowflake_project_without_any_local_profile(tmp_path, monkeypatch):
+    """No profiles.yml anywhere and no credentials: dbt Cloud builds, postload only parses."""
+    import prefect_snowflake
+
+    from postload.dbt import DbtProject
+
+    class Block:
+        database = "ANALYTICS"
+
+    monkeypatch.setattr(prefect_snowflake.SnowflakeConnector, "load", lambda *a, **k: Block())
+    settings = _cloud_settings(tmp_path, monkeypatch, "snowflake")
+    project = DbtProject.from_settings(settings)
+    manifest = project.manifest()
+
+    assert manifest["metadata"]["adapter_type"] == "snowflake"
+    (source,) = manifest["sources"].values()
+    # the database sources default to is the warehouse's, as postload reads them back
+    assert source["relation_name"] == "ANALYTICS.fivetran_shopify.orders"
+    profile = (project.profiles_dir() / "profiles.yml").read_text()
+    assert "shop_prod:" in profile and "postload_parse_only" in profile
+    assert project.profiles_dir().is_relative_to(project.target_path)
+    # written once: an unchanged profile does not make the next run parse again
+    mtime = (project.profiles_dir() / "profiles.yml").stat().st_mtime_ns
+    DbtProject.from_settings(settings)
+    assert (project.profiles_dir() / "profiles.yml").stat().st_mtime_ns == mtime
+
+
+def test_cloud_mode_parse_profile_on_duckdb_names_the_warehouse_file(tmp_path, monkeypatch):
+    from postload.dbt._parse_profile import parse_profile
+
+    settings = _cloud_settings(tmp_path, monkeypatch, "duckdb")
+    monkeypatch.setenv("DBT_TARGET", "prod")
+    profile = parse_profile(settings.dbt_project_path, settings)
+    assert profile["shop_prod"] == {
+        "target": "prod",
+        "outputs": {
+            "prod": {
+                "type": "duckdb",
+                "path": str(settings.duckdb_file),
+                "schema": "postload_parse_only",
+                "threads": 1,
+            }
+        },
+    }

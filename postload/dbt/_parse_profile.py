@@ -15,7 +15,9 @@ Everything else is a placeholder that is not a secret.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,36 @@ import yaml
 
 from postload.config import Settings, WarehouseKind
 
-__all__ = ["PARSE_PROFILE_DIR", "PLACEHOLDER", "parse_profile", "write_parse_profile"]
+__all__ = [
+    "PARSE_PROFILE_DIR",
+    "PLACEHOLDER",
+    "parse_profile",
+    "parse_profile_writer",
+    "write_parse_profile",
+]
 
 # under the project's target folder (dbt's own scratch space, git-ignored by dbt projects)
 PARSE_PROFILE_DIR = "postload-parse-profile"
 PLACEHOLDER = "postload_parse_only"
 DEFAULT_TARGET = "parse_only"
+
+
+def parse_profile_writer(
+    project_dir: Path, target_path: Path, settings: Settings
+) -> Callable[[], Path]:
+    """Writes the profile when dbt first needs it (and once): a project that cannot have one
+    fails where dbt's own errors are reported, as ``DbtInvocationError``."""
+
+    @functools.cache
+    def write() -> Path:
+        from postload.dbt.project import DbtInvocationError
+
+        try:
+            return write_parse_profile(project_dir, target_path, settings)
+        except (ValueError, OSError) as exc:
+            raise DbtInvocationError(str(exc)) from None
+
+    return write
 
 
 def write_parse_profile(project_dir: Path, target_path: Path, settings: Settings) -> Path:

@@ -68,8 +68,9 @@ class DbtProject:
         self.target_path = target_path or project_dir / "target"
         self._packages_ready = False
 
-    # dbt Cloud mode: the folder of postload's parse-only profiles.yml, read instead of the user's
-    parse_profiles_dir: Path | None = None
+    # dbt Cloud mode: writes postload's parse-only profiles.yml (once) and returns its folder,
+    # read instead of the user's
+    parse_profile: Callable[[], Path] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DbtProject:
@@ -77,9 +78,9 @@ class DbtProject:
         if settings.dbt_runner is DbtRunnerKind.CLOUD:
             # dbt Cloud builds with its own connection; parse and ls never connect, so they need
             # no local warehouse profile or credentials (postload/dbt/_parse_profile.py)
-            from postload.dbt._parse_profile import write_parse_profile
+            from postload.dbt._parse_profile import parse_profile_writer
 
-            project.parse_profiles_dir = write_parse_profile(
+            project.parse_profile = parse_profile_writer(
                 project.project_dir, project.target_path, settings
             )
         return project
@@ -88,8 +89,9 @@ class DbtProject:
 
     def _profiles_dir_candidates(self) -> tuple[Path, list[str]]:
         """The folder dbt would read profiles.yml from, and the places looked in (for messages)."""
-        if self.parse_profiles_dir is not None:
-            return self.parse_profiles_dir, [f"{self.parse_profiles_dir} (dbt Cloud: parse-only)"]
+        if self.parse_profile is not None:
+            folder = self.parse_profile()
+            return folder, [f"{folder} (dbt Cloud: postload's parse-only profile)"]
         if env := os.environ.get(PROFILES_DIR_ENV):  # click ignores an empty variable: so do we
             return Path(env), [f"{Path(env)} ({PROFILES_DIR_ENV})"]
         looked = [f"{self.project_dir} (the dbt project; {PROFILES_DIR_ENV} is not set)"]

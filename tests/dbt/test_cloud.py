@@ -761,3 +761,27 @@ def test_cloud_mode_parse_profile_on_duckdb_names_the_warehouse_file(tmp_path, m
             }
         },
     }
+
+
+def test_doctor_in_cloud_mode_checks_jobs_not_a_local_profile():
+    from postload.config import PipelineConfig
+    from postload.doctor import Status, check_dbt_cloud
+
+    pipeline = PipelineConfig.model_validate(
+        {
+            "sources": [
+                {"name": "orders", "raw_table": "orders", "stage": "orders"},
+                {"name": "events", "raw_table": "events", "stage": "events", "dbt_cloud_job_id": 7},
+            ]
+        }
+    )
+    settings = Settings(_env_file=None, dbt_runner="cloud")
+    *_, jobs = check_dbt_cloud(settings, pipeline)
+    assert jobs.status is Status.FAIL
+    assert "orders" in jobs.message and "events" not in jobs.message
+    assert "POSTLOAD_DBT_CLOUD_JOB_ID" in (jobs.fix or "")
+
+    with_default = Settings(_env_file=None, dbt_runner="cloud", dbt_cloud_job_id=42)
+    results = check_dbt_cloud(with_default, pipeline)
+    assert [r.status for r in results] == [Status.OK, Status.SKIP, Status.SKIP, Status.OK]
+    assert "job(s) 7, 42" in results[-1].message

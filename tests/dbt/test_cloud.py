@@ -394,8 +394,10 @@ def test_from_settings_loads_the_named_block(monkeypatch):
         retries=4,
         retry_backoff_seconds=1.5,
         retry_jitter_factor=0.1,
+        dbt_node_retries=2,
     )
     runner = CloudDbtRunner.from_settings(settings)
+    assert runner.reruns == 2  # retries from failure: the same setting as Core's `dbt retry`
     assert loaded == ["my-dbt"]
     assert runner.kind == "cloud"
     assert (runner.job_id, runner.max_wait_seconds, runner.poll_seconds) == (DEFAULT_JOB, 99, 2.5)

@@ -294,8 +294,9 @@ class CloudDbtRunner:
         if job is None:
             raise ValueError(
                 f"no dbt Cloud job to run for {described!r}: set {JOB_ID_ENV} (the default job) "
-                "or the source's 'dbt_cloud_job_id' key in the pipeline config; either job runs "
-                "with steps_override 'dbt build <selection>'"
+                "or 'dbt_cloud_job_id' in the pipeline config (on the source, or under "
+                "'full_run:' for full builds); any job runs with steps_override "
+                "'dbt build <selection>'"
             )
         steps_override = [f"dbt build {described}"]
         options = TriggerJobRunOptions(cause=unique_cause(cause), steps_override=steps_override)

@@ -546,14 +546,6 @@ def test_rerun_that_created_nothing_is_sent_again(fake, clock):
     assert result.status == "success"
 
 
-def test_a_task_retry_never_reruns_a_cloud_build_whole(monkeypatch):
-    from postload.retries import build_retry_options
-
-    monkeypatch.setenv("POSTLOAD_DBT_RUNNER", "cloud")
-    monkeypatch.setenv("POSTLOAD_RETRIES", "5")
-    assert build_retry_options(Settings(_env_file=None)) == {"retries": 0}
-
-
 # ---------------------------------------------------------------------- cancel
 
 

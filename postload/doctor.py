@@ -668,6 +668,48 @@ def check_automations(client: SyncPrefectClient, slack_block: str | None = None)
     )
 
 
+# --- dbt Cloud ---------------------------------------------------------------------------------
+
+
+def check_dbt_cloud(settings: Settings, pipeline: PipelineConfig | None) -> list[CheckResult]:
+    """dbt Cloud mode: the checks of a local dbt profile and connection do not apply (dbt Cloud
+    builds with its environment's connection; postload parses with a parse-only profile of its
+    own), and every source needs a job to build it."""
+    name = "dbt Cloud jobs"
+    results = [
+        _ok(
+            "dbt profile",
+            "dbt Cloud builds with its own environment's connection; postload parses the project "
+            "with a parse-only profile it writes under the project's target/ (no credentials)",
+        ),
+        _skip("dbt connection", "dbt Cloud connects, not postload"),
+        _skip("warehouse", "dbt Cloud builds in its environment's warehouse"),
+    ]
+    if pipeline is None:
+        return [*results, _skip(name, "needs the pipeline config")]
+    default = settings.dbt_cloud_job_id
+    jobless = [s.name for s in pipeline.sources if s.dbt_cloud_job_id is None and default is None]
+    if jobless:
+        return [
+            *results,
+            _fail(
+                name,
+                f"no dbt Cloud job builds source(s) {', '.join(jobless)}",
+                "set POSTLOAD_DBT_CLOUD_JOB_ID (the default job) or `dbt_cloud_job_id` on each "
+                "source in the pipeline config",
+            ),
+        ]
+    jobs = sorted({job for s in pipeline.sources if (job := s.dbt_cloud_job_id or default)})
+    return [
+        *results,
+        _ok(
+            name,
+            f"job(s) {', '.join(str(j) for j in jobs)} run `dbt build <selection>` through "
+            "steps_override (one run per job for the sources pending together)",
+        ),
+    ]
+
+
 # --- all of them -------------------------------------------------------------------------------
 
 
@@ -691,21 +733,25 @@ def run_checks(settings: Settings | None = None) -> Iterator[CheckResult]:
         yield from emit([_skip("sources", "needs the pipeline config and the dbt project")])
     else:
         yield from emit(check_sources(pipeline, project, manifest, settings.pipeline_config_path))
-    profile_result, target = check_dbt_profile(settings, project)
-    yield from emit([profile_result])
-    if target is None:
-        yield from emit(
-            [
-                _skip("dbt connection", "needs the dbt profile"),
-                _skip("warehouse", "needs the dbt profile"),
-            ]
-        )
+    if settings.dbt_runner is DbtRunnerKind.CLOUD:
+        # dbt Cloud builds with its environment's connection: no local profile to check
+        yield from emit(check_dbt_cloud(settings, pipeline))
     else:
-        if profile_result.failed:
-            yield from emit([_skip("dbt connection", "needs a usable dbt profile")])
+        profile_result, target = check_dbt_profile(settings, project)
+        yield from emit([profile_result])
+        if target is None:
+            yield from emit(
+                [
+                    _skip("dbt connection", "needs the dbt profile"),
+                    _skip("warehouse", "needs the dbt profile"),
+                ]
+            )
         else:
-            yield from emit([check_dbt_connection(settings, project, target)])
-        yield from emit([check_warehouse_matches_profile(settings, target)])
+            if profile_result.failed:
+                yield from emit([_skip("dbt connection", "needs a usable dbt profile")])
+            else:
+                yield from emit([check_dbt_connection(settings, project, target)])
+            yield from emit([check_warehouse_matches_profile(settings, target)])
     if not prefect_api_url():
         yield from emit([check_prefect_api(None)])
         yield from emit(check_blocks(settings, pipeline, None))

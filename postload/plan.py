@@ -10,6 +10,10 @@ builds what reads those 2 (``source:<src>.<table>+`` each), unless the source co
 a burst of syncs collapses into one build, a sync that changed nothing builds nothing, and a lost
 webhook is caught by the next run or sweep — dbt's ``source_status:fresher+`` idea, kept in the
 warehouse instead of in ``sources.json`` files.
+
+On dbt Cloud the pending sources are grouped by the job that builds them (a source's
+``dbt_cloud_job_id``, else the default job): one run per job, each with its group's selection.
+On dbt Core there is one group, so one invocation.
 """
 
 from __future__ import annotations
@@ -23,12 +27,34 @@ from postload.sources import SourceTable
 from postload.warehouse import Watermark
 
 __all__ = [
+    "BuildGroup",
     "TransformPlan",
     "pending_tables",
     "plan_transform",
     "source_selection",
     "union_selection",
 ]
+
+
+@dataclass(frozen=True)
+class BuildGroup:
+    """The part of a plan one dbt invocation builds: one dbt Cloud job's sources (Core: all)."""
+
+    # the dbt Cloud job that runs it; None: the runner's default (always, on Core)
+    job_id: int | None
+    sources: list[SourceConfig]
+    # per source, per pending table: its newest row when the plan was made
+    tables: dict[str, dict[str, datetime]]
+    selection: Selection
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def covers(self) -> dict[str, datetime]:
+        """Per source: the newest row of its pending tables."""
+        return {name: max(tables.values()) for name, tables in self.tables.items()}
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,8 @@ class TransformPlan:
     # per source: what its part of the build selects
     selections: dict[str, Selection]
     selection: Selection
+    # what each dbt invocation builds, in order: one group per dbt Cloud job (Core: one)
+    groups: list[BuildGroup]
 
     @property
     def source_names(self) -> list[str]:
@@ -100,10 +128,13 @@ def plan_transform(
     resolve_selector: Callable[[Selection], list[str]],
     *,
     only: Collection[str] | None = None,
+    job_of: Callable[[SourceConfig], int | None] | None = None,
 ) -> TransformPlan | None:
     """The build covering every pending table, or None when nothing changed since the last one.
 
     ``only``: plan for these sources alone (the others stay pending for the next run).
+    ``job_of``: the dbt Cloud job that builds a source; its groups are one per job, in the
+    order of the sources. Without it (dbt Core), one group builds everything.
     """
     pending = pending_tables(tables, watermarks)
     sources = [
@@ -119,9 +150,24 @@ def plan_transform(
             assert latest is not None  # pending means it has rows
             covered[s.name][t.table] = latest
     selections = {s.name: source_selection(s, pending[s.name]) for s in sources}
-    return TransformPlan(
-        sources, covered, selections, union_selection(list(selections.values()), resolve_selector)
+    by_job: dict[int | None, list[SourceConfig]] = {}
+    for s in sources:
+        by_job.setdefault(job_of(s) if job_of is not None else None, []).append(s)
+    groups = [
+        BuildGroup(
+            job_id=job,
+            sources=members,
+            tables={s.name: covered[s.name] for s in members},
+            selection=union_selection([selections[s.name] for s in members], resolve_selector),
+        )
+        for job, members in by_job.items()
+    ]
+    selection = (
+        groups[0].selection
+        if len(groups) == 1
+        else union_selection([g.selection for g in groups], resolve_selector)
     )
+    return TransformPlan(sources, covered, selections, selection, groups)
 
 
 def _mark(watermarks: dict[tuple[str, str], Watermark], table: SourceTable) -> Watermark:

@@ -80,6 +80,50 @@ def test_burst_of_sources_is_one_selection_with_the_union() -> None:
     ]
 
 
+def test_core_builds_every_pending_source_in_one_group() -> None:
+    every = marks(**{name: Watermark(T0, None) for name in PIPELINE.source_names})
+    plan = plan_transform(PIPELINE, TABLES, every, resolve)
+    assert plan is not None
+    (group,) = plan.groups
+    assert group.job_id is None
+    assert group.source_names == plan.source_names
+    assert group.selection == plan.selection
+    assert group.covers == plan.covers and group.tables == plan.tables
+
+
+def test_dbt_cloud_groups_pending_sources_by_job_each_with_its_own_selection() -> None:
+    """Per-source jobs only (no default): one group per job, in source order."""
+    jobs = {"customers": 77, "orders": 78, "events": 77}
+    every = marks(**{name: Watermark(T0, None) for name in PIPELINE.source_names})
+    plan = plan_transform(PIPELINE, TABLES, every, resolve, job_of=lambda s: jobs[s.name])
+    assert plan is not None
+    assert [(g.job_id, g.source_names) for g in plan.groups] == [
+        (77, ["customers", "events"]),
+        (78, ["orders"]),
+    ]
+    first, second = plan.groups
+    assert first.selection.cli_args() == [
+        "--select",
+        "stg_customers customer_orders fct_orders tag:events",
+    ]
+    assert second.selection == Selection(select="source:orders+")
+    t0 = T0.replace(tzinfo=UTC)
+    # each group covers its own sources' tables, so each is recorded on its own
+    assert first.tables == {"customers": {"customers": t0}, "events": {"events": t0}}
+    assert second.covers == {"orders": t0}
+
+
+def test_sources_without_a_job_of_their_own_share_the_default_jobs_group() -> None:
+    default = 42
+    own = {"orders": 78}
+    pending = marks(orders=Watermark(T0, None), events=Watermark(T0, None))
+    plan = plan_transform(
+        PIPELINE, TABLES, pending, resolve, job_of=lambda s: own.get(s.name, default)
+    )
+    assert plan is not None
+    assert [(g.job_id, g.source_names) for g in plan.groups] == [(78, ["orders"]), (42, ["events"])]
+
+
 def test_only_plans_for_the_named_sources() -> None:
     every = marks(**{name: Watermark(T0, None) for name in PIPELINE.source_names})
     plan = plan_transform(PIPELINE, TABLES, every, resolve, only=["orders"])

@@ -5,8 +5,9 @@
 * ``open_dbt_runner`` — the runner the settings select:
   dbt Core through prefect-dbt's ``PrefectDbtRunner`` (each node a Prefect task with asset
   lineage; the embedded default, with dbt-duckdb), or a dbt Cloud job triggered through
-  prefect-dbt's ``DbtCloudCredentials``, with ``steps_override`` carrying the selection (or a
-  per-source job), waited on, and its ``run_results.json`` read back for per-node results.
+  prefect-dbt's ``DbtCloudCredentials`` (a source's own job, else the default job), with
+  ``steps_override`` carrying the selection, waited on (retried from failure, cancelled when the
+  Prefect run goes away), and its steps' ``run_results.json`` read back for per-node results.
 """
 
 from __future__ import annotations

@@ -1,17 +1,26 @@
 """dbt Cloud through prefect-dbt's ``DbtCloudCredentials`` and its administrative client.
 
-One ``build`` = one dbt Cloud job run, never two:
+One ``build`` = one triggered dbt Cloud run (plus its retries from failure), never two triggers:
 
-* the default job (``POSTLOAD_DBT_CLOUD_JOB_ID``) runs with ``steps_override=["dbt build
-  <selection>"]``; a per-source job (``dbt_cloud_job_id``) runs as-is;
+* every run is triggered with ``steps_override=["dbt build <selection>"]``: the job (a source's
+  ``dbt_cloud_job_id``, else the default ``POSTLOAD_DBT_CLOUD_JOB_ID``) supplies the environment,
+  target, dbt version, threads and credentials; postload supplies what to build;
 * the trigger's ``cause`` carries a unique token, so when a trigger's response is lost (5xx,
   dropped connection) the retry first lists the job's recent runs and adopts the one with our
   cause instead of starting a duplicate (the gotcha of prefect-dbt's own trigger task, #12953);
-  a 429 was not accepted and is simply retried;
-* the run is polled until it is complete or ``max_wait_seconds`` passes; on timeout the run is
-  left alone (not cancelled, not re-triggered) and ``DbtCloudRunTimeoutError`` names it;
-* ``run_results.json`` is read back into per-node ``NodeResult``s. Model and test failures are
-  results, not exceptions; only infrastructure failures (after retries) and timeouts raise.
+  a 429 was not accepted and is retried after its ``Retry-After``;
+* the run is polled (a log line per poll with its link and status) until it is complete or
+  ``max_wait_seconds`` passes; on that timeout the run is left alone and
+  ``DbtCloudRunTimeoutError`` names it. When the *Prefect* run is cancelled (SIGTERM →
+  ``TerminationSignal``), times out, or anything else interrupts the wait, the dbt Cloud run is
+  cancelled (best effort) before the exception goes on;
+* a run that errored on a model, seed or snapshot is retried from the failed node with the job's
+  ``/rerun/`` endpoint (up to ``reruns`` times), only while the job's latest run is still ours:
+  ``/rerun/`` acts on the job's latest run. The rerun's nodes replace the failed ones. A run
+  whose only failures are data tests is not rerun (the same rule as Core's ``dbt retry``);
+* every step that ran a dbt node command contributes its ``run_results.json``
+  (``?step=N``), merged in step order. Model and test failures are results, not exceptions;
+  only infrastructure failures (after retries) and timeouts raise.
 
 The API key is only ever inside the prefect-dbt client's headers: no log line, exception or
 result built here contains it (messages are scrubbed of it as a last line of defence).
@@ -19,12 +28,15 @@ result built here contains it (messages are scrubbed of it as a last line of def
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import random
 import secrets
+import shlex
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,7 +47,7 @@ from prefect_dbt.cloud import DbtCloudCredentials
 from prefect_dbt.cloud.models import TriggerJobRunOptions
 
 from postload.config import Selection, Settings
-from postload.dbt.results import DbtBuildResult, NodeResult
+from postload.dbt.results import DbtBuildResult, NodeResult, retryable
 
 if TYPE_CHECKING:
     from prefect_dbt.cloud.clients import DbtCloudAdministrativeClient
@@ -60,6 +72,12 @@ RUN_RESULTS = "run_results.json"
 ADOPT_SEARCH_LIMIT = 10
 # A server's Retry-After is honoured, within reason.
 MAX_RETRY_AFTER_SECONDS = 300.0
+# Cancelling a run when the Prefect run goes away: one quick attempt (Prefect's own grace
+# period after SIGTERM is short).
+CANCEL_TIMEOUT_SECONDS = 10.0
+# dbt commands whose run_results.json holds node results (`docs generate` and `compile` list
+# every model as compiled, `source freshness` writes sources.json).
+NODE_COMMANDS = frozenset({"build", "run", "test", "seed", "snapshot", "retry"})
 
 
 class RunStatus(IntEnum):
@@ -141,6 +159,31 @@ class CloudDbtBuildResult(DbtBuildResult):
         return super().status
 
 
+@dataclass
+class _Following:
+    """The run a build is waiting for (the trigger's, then each rerun's), to cancel it."""
+
+    run: dict[str, Any]
+    status: int | None = None
+    history: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.follow(self.run)
+
+    def follow(self, run: dict[str, Any]) -> None:
+        self.run, self.status = run, run.get("status")
+        self.history.append(int(run["id"]))
+
+    @property
+    def run_id(self) -> int:
+        return int(self.run["id"])
+
+    @property
+    def href(self) -> str | None:
+        href = self.run.get("href")
+        return str(href) if href else None
+
+
 def _default_logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         from prefect import get_run_logger
@@ -151,7 +194,7 @@ def _default_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class CloudDbtRunner:
-    """Runs a selection as one dbt Cloud job run and reads its per-node results back."""
+    """Runs a selection as a dbt Cloud job run and reads its per-node results back."""
 
     kind = "cloud"
 
@@ -165,6 +208,8 @@ class CloudDbtRunner:
         retries: int = 3,
         retry_backoff_seconds: float = 5.0,
         retry_jitter_factor: float = 0.5,
+        reruns: int = 1,
+        cancel_timeout_seconds: float = CANCEL_TIMEOUT_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
@@ -172,16 +217,21 @@ class CloudDbtRunner:
         """
         Args:
             credentials: prefect-dbt ``DbtCloudCredentials`` (api key, account id, domain).
-            job_id: the default job, run with ``steps_override`` carrying the selection.
+            job_id: the default job, for builds that name no job of their own.
             max_wait_seconds: how long to wait for a run to finish before giving up on it.
             poll_seconds: how often to poll the run.
             retries: retries after the first attempt of each API call (transient failures only).
             retry_backoff_seconds: first retry delay; doubles on each further retry.
             retry_jitter_factor: up to this fraction of the delay is added at random.
+            reruns: how many times an errored run is retried from failure (``/rerun/``).
+            cancel_timeout_seconds: how long cancelling a run may take when the wait is
+                interrupted (one attempt: the Prefect run is going away).
             sleep, clock: injectable for tests (no real waiting).
         """
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        if reruns < 0:
+            raise ValueError("reruns must be >= 0")
         self.credentials = credentials
         self.job_id = job_id
         self.max_wait_seconds = max_wait_seconds
@@ -189,6 +239,8 @@ class CloudDbtRunner:
         self.retries = retries
         self.retry_backoff_seconds = retry_backoff_seconds
         self.retry_jitter_factor = retry_jitter_factor
+        self.reruns = reruns
+        self.cancel_timeout_seconds = cancel_timeout_seconds
         self._sleep = sleep
         self._clock = clock
         self._logger = logger
@@ -218,6 +270,7 @@ class CloudDbtRunner:
             "retries": settings.retries,
             "retry_backoff_seconds": settings.retry_backoff_seconds,
             "retry_jitter_factor": settings.retry_jitter_factor,
+            "reruns": settings.dbt_node_retries,
         }
         kwargs.update(overrides)
         return cls(credentials, **kwargs)
@@ -227,45 +280,107 @@ class CloudDbtRunner:
     def build(
         self, selection: Selection, *, cause: str, job_id: int | None = None
     ) -> CloudDbtBuildResult:
-        """Trigger one run, wait for it, and return its per-node results.
+        """Trigger one run of ``dbt build <selection>``, wait for it, and return its nodes.
 
-        With ``job_id`` (a per-source job) that job runs as-is; otherwise the default job runs
-        ``dbt build <selection>`` through ``steps_override``. Raises ``ValueError`` when there
-        is no job to run, ``DbtCloudApiError``/``DbtCloudUnavailableError`` for infrastructure
-        failures and ``DbtCloudRunTimeoutError`` when the run outlives ``max_wait_seconds``.
+        ``job_id`` (a source's job) or else the default job runs the build: the job supplies the
+        environment and settings, ``steps_override`` the command. Raises ``ValueError`` when
+        there is no job to run, ``DbtCloudApiError``/``DbtCloudUnavailableError`` for
+        infrastructure failures and ``DbtCloudRunTimeoutError`` when the run outlives
+        ``max_wait_seconds``. Any other exception while waiting (the Prefect run cancelled or
+        timed out) cancels the dbt Cloud run, then propagates.
         """
         described = selection.describe()
-        if job_id is not None:
-            job, steps_override = job_id, None
-        elif self.job_id is not None:
-            job, steps_override = self.job_id, [f"dbt build {described}"]
-        else:
+        job = job_id if job_id is not None else self.job_id
+        if job is None:
             raise ValueError(
-                f"no dbt Cloud job to run for {described!r}: set {JOB_ID_ENV} (the default job, "
-                "run with steps_override 'dbt build <selection>') or the source's "
-                "'dbt_cloud_job_id' key in the pipeline config (a job run as-is)"
+                f"no dbt Cloud job to run for {described!r}: set {JOB_ID_ENV} (the default job) "
+                "or 'dbt_cloud_job_id' in the pipeline config (on the source, or under "
+                "'full_run:' for full builds); any job runs with steps_override "
+                "'dbt build <selection>'"
             )
+        steps_override = [f"dbt build {described}"]
         options = TriggerJobRunOptions(cause=unique_cause(cause), steps_override=steps_override)
 
         run = self._trigger(job, options)
-        run_id = int(run["id"])
         self._log().info(
-            "dbt Cloud job %s: run %s triggered (%s) — %s",
+            "dbt Cloud job %s: run %s triggered (%s) with steps_override %s",
             job,
-            run_id,
+            run["id"],
             run.get("href"),
-            f"steps_override {steps_override}" if steps_override else "the job's own steps",
+            steps_override,
         )
+        following = _Following(run)
         try:
-            return self._result(described, self._wait(run))
+            return self._follow(job, described, following)
+        except DbtCloudRunTimeoutError:
+            raise  # our own wait limit: the run is left to finish, as its message says
         except DbtCloudUnavailableError as exc:
-            href = run.get("href")
             raise DbtCloudUnavailableError(
-                f"{exc}; dbt Cloud run {run_id} ({href}) was NOT cancelled and will not be "
-                "re-triggered — follow it in dbt Cloud",
-                run_id=run_id,
-                run_url=href,
+                f"{exc}; dbt Cloud run {following.run_id} ({following.href}) was NOT cancelled "
+                "and will not be re-triggered — follow it in dbt Cloud",
+                run_id=following.run_id,
+                run_url=following.href,
             ) from None
+        except DbtCloudError:
+            raise
+        except BaseException as exc:
+            # The Prefect run is going away (TerminationSignal on cancel, FlowRunTimeoutError,
+            # KeyboardInterrupt...): a dbt Cloud run nobody waits for must not keep building.
+            self._cancel(following, exc)
+            raise
+
+    def _follow(self, job: int, described: str, following: _Following) -> CloudDbtBuildResult:
+        finished = self._wait(following)
+        result = self._result(described, finished)
+        first_message = result.message
+        nodes = list(result.nodes)
+        retried: list[list[str]] = []
+        notes: list[str] = []
+        for attempt in range(1, self.reruns + 1):
+            if result.run_status != RunStatus.ERROR or not retryable(nodes):
+                break
+            rerun, why_not = self._rerun(job, int(finished["id"]))
+            if rerun is None:
+                self._log().warning(
+                    "dbt Cloud run %s not retried from failure: %s", finished["id"], why_not
+                )
+                notes.append(f"not retried from failure: {why_not}")
+                break
+            self._log().info(
+                "dbt Cloud job %s: run %s failed; retrying it from the failed nodes as run %s "
+                "(%s), retry %d/%d",
+                job,
+                finished["id"],
+                rerun["id"],
+                rerun.get("href"),
+                attempt,
+                self.reruns,
+            )
+            following.follow(rerun)
+            finished = self._wait(following)
+            result = self._result(described, finished)
+            again = {n.unique_id: n for n in result.nodes}
+            retried.append([uid for uid in again if not uid.startswith("operation.")])
+            nodes = [again.pop(n.unique_id, n) for n in nodes] + list(again.values())
+        if retried:
+            runs = following.history
+            notes.insert(
+                0,
+                f"{first_message or f'dbt Cloud run {runs[0]} failed'}; retried from failure as "
+                + ", then ".join(f"run {r}" for r in runs[1:]),
+            )
+        message = "; ".join([m for m in (result.message, *notes) if m]) or None
+        if not nodes and message is None:
+            message = "the selection matched no dbt nodes"
+        return CloudDbtBuildResult(
+            selection=described,
+            nodes=nodes,
+            run_id=result.run_id,
+            run_url=result.run_url,
+            message=self._scrub(message) if message else None,
+            run_status=result.run_status,
+            retried=retried,
+        )
 
     # ------------------------------------------------------------------ trigger (never twice)
 
@@ -307,20 +422,8 @@ class CloudDbtRunner:
 
     def _find_run(self, job_id: int, cause: str) -> dict[str, Any] | None:
         """The job's recent run whose trigger cause is ours, if the lost trigger created one."""
-        params = {
-            "job_definition_id": job_id,
-            "order_by": "-id",
-            "limit": ADOPT_SEARCH_LIMIT,
-            "include_related": "['trigger']",
-        }
         try:
-            runs = _data(
-                self._with_retries(
-                    f"listing the runs of dbt Cloud job {job_id}",
-                    lambda c: c.call_endpoint("GET", "/runs/", params=params),
-                ),
-                list,
-            )
+            runs = self._job_runs(job_id, ADOPT_SEARCH_LIMIT, include_related=["trigger"])
         except DbtCloudError as exc:  # cannot check, so must not trigger again
             raise DbtCloudUnavailableError(
                 self._scrub(
@@ -330,7 +433,8 @@ class CloudDbtRunner:
                 run_may_exist=True,
             ) from None
         for run in runs:
-            trigger = run.get("trigger") if isinstance(run.get("trigger"), dict) else {}
+            related = run.get("trigger")
+            trigger: dict[str, Any] = related if isinstance(related, dict) else {}
             if cause in (trigger.get("cause"), run.get("cause")):
                 self._log().warning(
                     "dbt Cloud job %s: a trigger's answer was lost but it created run %s; "
@@ -341,37 +445,132 @@ class CloudDbtRunner:
                 return run
         return None
 
+    def _job_runs(
+        self, job_id: int, limit: int, *, include_related: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The job's most recent runs, newest first."""
+        params: dict[str, Any] = {"job_definition_id": job_id, "order_by": "-id", "limit": limit}
+        if include_related:
+            params["include_related"] = include_related_param(include_related)
+        return _data(
+            self._with_retries(
+                f"listing the runs of dbt Cloud job {job_id}",
+                lambda c: c.call_endpoint("GET", "/runs/", params=params),
+            ),
+            list,
+        )
+
+    # ------------------------------------------------------------------ retry from failure
+
+    def _rerun(self, job_id: int, failed_run_id: int) -> tuple[dict[str, Any] | None, str]:
+        """Retry the job's latest run from its failed nodes: (the new run, "") or (None, why not).
+
+        ``/rerun/`` acts on whatever the job's latest run is — from the point of failure when it
+        errored, else as a whole new run — so it is only called while that run is still ours.
+        A POST that may have been accepted without us seeing the answer is only repeated when
+        the job's latest run shows that it was not.
+        """
+        what = f"retrying dbt Cloud job {job_id} from failure"
+        attempts = self.retries + 1
+        try:
+            for attempt in range(1, attempts + 1):
+                latest = self._job_runs(job_id, 1)
+                latest_id = int(latest[0]["id"]) if latest else None
+                if latest_id != failed_run_id:
+                    return None, (
+                        f"the latest run of job {job_id} is now run {latest_id}"
+                        + (f" ({latest[0].get('href')})" if latest else "")
+                        + f", not the failed run {failed_run_id}, and /rerun/ would act on it"
+                        + (" (it may be the rerun whose answer was lost)" if attempt > 1 else "")
+                    )
+                try:
+                    return _data(
+                        self._call(lambda c: c.call_endpoint("POST", f"/jobs/{job_id}/rerun/")),
+                        dict,
+                    ), ""
+                except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+                    if not _is_transient(exc):
+                        raise self._api_error(what, exc) from None
+                    if attempt == attempts:
+                        raise DbtCloudUnavailableError(
+                            self._scrub(f"{what} failed {attempts} time(s): {self._describe(exc)}")
+                        ) from None
+                    self._backoff(what, attempt, attempts, exc)
+        except DbtCloudError as exc:
+            return None, str(exc)
+        raise AssertionError("unreachable")
+
     # ------------------------------------------------------------------ wait
 
-    def _wait(self, run: dict[str, Any]) -> dict[str, Any]:
-        run_id = int(run["id"])
-        deadline = self._clock() + self.max_wait_seconds
-        last_status: int | None = None
+    def _get_run(self, run_id: int, *, include_related: list[str] | None = None) -> dict[str, Any]:
+        params = (
+            {"include_related": include_related_param(include_related)} if include_related else None
+        )
+        return _data(
+            self._with_retries(
+                f"polling dbt Cloud run {run_id}",
+                lambda c: c.call_endpoint("GET", f"/runs/{run_id}/", params=params),
+            ),
+            dict,
+        )
+
+    def _wait(self, following: _Following) -> dict[str, Any]:
+        run_id = following.run_id
+        started = self._clock()
+        deadline = started + self.max_wait_seconds
         while True:
-            run = _data(
-                self._with_retries(f"polling dbt Cloud run {run_id}", lambda c: c.get_run(run_id)),
-                dict,
+            run = self._get_run(run_id)
+            following.status = run.get("status")
+            status = run.get("status_humanized") or run.get("status")
+            # a line per poll: the flow run's log shows the run is alive and where to watch it
+            self._log().info(
+                "dbt Cloud run %s: %s after %.0fs — %s",
+                run_id,
+                status,
+                self._clock() - started,
+                run.get("href") or following.href,
             )
-            status = run.get("status")
-            if status != last_status:
-                self._log().info(
-                    "dbt Cloud run %s: %s", run_id, run.get("status_humanized") or status
-                )
-                last_status = status
-            if status in TERMINAL_STATUSES:
+            if run.get("status") in TERMINAL_STATUSES:
                 return run
             remaining = deadline - self._clock()
             if remaining <= 0:
                 href = run.get("href")
                 raise DbtCloudRunTimeoutError(
                     f"dbt Cloud run {run_id} ({href}) did not finish within "
-                    f"{self.max_wait_seconds:g}s (last status: "
-                    f"{run.get('status_humanized') or status}); it was NOT cancelled and will not "
-                    "be re-triggered — follow it in dbt Cloud, or cancel it there",
+                    f"{self.max_wait_seconds:g}s (last status: {status}); it was NOT cancelled "
+                    "and will not be re-triggered — follow it in dbt Cloud, or cancel it there",
                     run_id=run_id,
                     run_url=href,
                 )
             self._sleep(min(self.poll_seconds, remaining))
+
+    def _cancel(self, following: _Following, why: BaseException) -> None:
+        """Cancel the followed run, once and quickly; never raises (the caller re-raises)."""
+        if following.status in TERMINAL_STATUSES:
+            return
+        run_id, href = following.run_id, following.href
+        reason = type(why).__name__
+        try:
+            self._call(
+                lambda c: c.call_endpoint("POST", f"/runs/{run_id}/cancel/"),
+                timeout=self.cancel_timeout_seconds,
+            )
+        except BaseException as exc:  # best effort: the original exception matters more
+            self._log().error(
+                "the wait for dbt Cloud run %s ended (%s) and cancelling the run failed (%s): "
+                "cancel it in dbt Cloud — %s",
+                run_id,
+                reason,
+                self._describe(exc) if isinstance(exc, Exception) else type(exc).__name__,
+                href,
+            )
+            return
+        self._log().warning(
+            "the wait for dbt Cloud run %s ended (%s): the run was cancelled — %s",
+            run_id,
+            reason,
+            href,
+        )
 
     # ------------------------------------------------------------------ results
 
@@ -390,37 +589,54 @@ class CloudDbtRunner:
                 run_status=status,
             )
 
+        status_message = f": {run['status_message']}" if run.get("status_message") else ""
         if status == RunStatus.CANCELLED:
-            return result(
-                [],
-                f"dbt Cloud run {run_id} was cancelled"
-                + (f": {run['status_message']}" if run.get("status_message") else ""),
-            )
+            return result([], f"dbt Cloud run {run_id} was cancelled{status_message}")
 
-        artifact = self._run_results(run_id)
-        if artifact is None:
+        nodes = self._nodes(run_id)
+        if nodes is None:
             if status == RunStatus.ERROR:
                 return result(
                     [],
                     f"dbt Cloud run {run_id} failed: "
-                    f"{run.get('status_message') or 'no status message'} (no run_results.json)",
+                    f"{run.get('status_message') or 'no status message'} (no {RUN_RESULTS})",
                 )
-            return result([], f"dbt Cloud run {run_id} succeeded but left no run_results.json")
-        nodes = [node_from_run_result(r) for r in artifact.get("results") or []]
-        message: str | None
+            return result([], f"dbt Cloud run {run_id} succeeded but left no {RUN_RESULTS}")
         if status == RunStatus.ERROR:
-            message = f"dbt Cloud run {run_id} failed" + (
-                f": {run['status_message']}" if run.get("status_message") else ""
-            )
-        else:
-            message = None if nodes else "the selection matched no dbt nodes"
-        return result(nodes, message)
+            return result(nodes, f"dbt Cloud run {run_id} failed{status_message}")
+        return result(nodes, None)
 
-    def _run_results(self, run_id: int) -> dict[str, Any] | None:
+    def _nodes(self, run_id: int) -> list[NodeResult] | None:
+        """Every dbt node step's ``run_results.json``, merged in step order (None: none found).
+
+        A job may run several dbt commands (its own steps around ``dbt build``, a rerun's
+        ``dbt retry``): each step has its own artifact, and without ``?step=`` only the last
+        step's is returned — which may be ``dbt docs generate``'s.
+        """
+        steps = self._get_run(run_id, include_related=["run_steps"]).get("run_steps") or []
+        indexes = [int(s["index"]) for s in steps if _runs_dbt_nodes(s)]
+        artifacts = (
+            [self._run_results(run_id, step) for step in indexes]
+            if indexes
+            else [self._run_results(run_id, None)]  # no steps listed: the default, last step
+        )
+        found = [a for a in artifacts if a is not None]
+        if not found:
+            return None
+        merged: dict[str, NodeResult] = {}
+        for artifact in found:
+            for entry in artifact.get("results") or []:
+                node = node_from_run_result(entry)
+                merged.pop(node.unique_id, None)  # a later step's result of a node wins
+                merged[node.unique_id] = node
+        return list(merged.values())
+
+    def _run_results(self, run_id: int, step: int | None) -> dict[str, Any] | None:
+        where = f"{RUN_RESULTS} of dbt Cloud run {run_id}" + (f" step {step}" if step else "")
         try:
             response = self._with_retries(
-                f"fetching {RUN_RESULTS} of dbt Cloud run {run_id}",
-                lambda c: c.get_run_artifact(run_id, RUN_RESULTS),
+                f"fetching {where}",
+                lambda c: c.get_run_artifact(run_id, RUN_RESULTS, step=step),
             )
         except DbtCloudApiError as exc:
             if exc.status_code == 404:
@@ -429,15 +645,18 @@ class CloudDbtRunner:
         try:
             body = response.json()
         except ValueError:
-            raise DbtCloudApiError(f"{RUN_RESULTS} of dbt Cloud run {run_id} is not JSON") from None
+            raise DbtCloudApiError(f"{where} is not JSON") from None
         if not isinstance(body, dict):
-            raise DbtCloudApiError(f"{RUN_RESULTS} of dbt Cloud run {run_id} is not an object")
+            raise DbtCloudApiError(f"{where} is not an object")
         return body
 
     # ------------------------------------------------------------------ HTTP plumbing
 
     def _call(
-        self, request: Callable[[DbtCloudAdministrativeClient], Awaitable[httpx.Response]]
+        self,
+        request: Callable[[DbtCloudAdministrativeClient], Awaitable[httpx.Response]],
+        *,
+        timeout: float | None = None,
     ) -> httpx.Response:
         """One request on a fresh prefect-dbt admin client, from sync code.
 
@@ -447,7 +666,10 @@ class CloudDbtRunner:
 
         async def go() -> httpx.Response:
             async with self.credentials.get_administrative_client() as client:
-                return await request(client)
+                _use_token_auth(client, self.credentials.api_key.get_secret_value())
+                if timeout is None:
+                    return await request(client)
+                return await asyncio.wait_for(request(client), timeout)
 
         return run_coro_as_sync(go())
 
@@ -524,6 +746,36 @@ def unique_cause(cause: str) -> str:
     """The caller's cause, made unique to this trigger and cut to dbt Cloud's 255 characters."""
     suffix = f" [postload:{secrets.token_hex(4)}]"
     return cause[: CAUSE_MAX_LENGTH - len(suffix)] + suffix
+
+
+def include_related_param(related: list[str]) -> str:
+    """``include_related`` as dbt Cloud documents it: a JSON list in one query parameter,
+    ``include_related=["trigger"]`` (docs.getdbt.com, "Migrating to dbt Cloud Administrative API
+    v2": ``GET …/runs/?include_related=["trigger"]&order_by=-id``; dbt-cloud-cli's ``run get``
+    sends ``json.dumps(list)`` too). Not Python's repr (``['trigger']``) and not a repeated
+    parameter (what prefect-dbt's ``get_run(include_related=[...])`` would send)."""
+    return json.dumps(related)
+
+
+def _runs_dbt_nodes(step: dict[str, Any]) -> bool:
+    """A run step that ran a dbt command with node results (its name is
+    ``Invoke dbt with `dbt build --select …` ``) and got to run (not skipped or cancelled)."""
+    name = str(step.get("name") or "")
+    command = name.partition("`")[2].partition("`")[0]
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    ran = step.get("status") in (RunStatus.SUCCESS, RunStatus.ERROR)
+    return ran and len(words) >= 2 and words[0] == "dbt" and words[1] in NODE_COMMANDS
+
+
+def _use_token_auth(client: DbtCloudAdministrativeClient, api_key: str) -> None:
+    """dbt Cloud documents ``Authorization: Token <key>`` (Airflow's hook sends it too);
+    prefect-dbt's client sends ``Bearer``, which dbt Cloud is not documented to accept."""
+    http = getattr(client, "_admin_client", None)
+    if isinstance(http, httpx.AsyncClient):
+        http.headers["Authorization"] = f"Token {api_key}"
 
 
 def _data(response: httpx.Response, kind: type[T]) -> T:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import yaml
 
-from postload.config import Selection, Settings
+from postload.config import DbtRunnerKind, Selection, Settings
 from postload.dbt._invocation import DUCKDB_PATH_ENV, profile_env
 
 __all__ = ["DbtInvocationError", "DbtProject", "ProfileTarget"]
@@ -68,14 +68,30 @@ class DbtProject:
         self.target_path = target_path or project_dir / "target"
         self._packages_ready = False
 
+    # dbt Cloud mode: writes postload's parse-only profiles.yml (once) and returns its folder,
+    # read instead of the user's
+    parse_profile: Callable[[], Path] | None = None
+
     @classmethod
     def from_settings(cls, settings: Settings) -> DbtProject:
-        return cls(settings.dbt_project_path, settings.duckdb_file)
+        project = cls(settings.dbt_project_path, settings.duckdb_file)
+        if settings.dbt_runner is DbtRunnerKind.CLOUD:
+            # dbt Cloud builds with its own connection; parse and ls never connect, so they need
+            # no local warehouse profile or credentials (postload/dbt/_parse_profile.py)
+            from postload.dbt._parse_profile import parse_profile_writer
+
+            project.parse_profile = parse_profile_writer(
+                project.project_dir, project.target_path, settings
+            )
+        return project
 
     # -- profiles.yml -----------------------------------------------------------------------
 
     def _profiles_dir_candidates(self) -> tuple[Path, list[str]]:
         """The folder dbt would read profiles.yml from, and the places looked in (for messages)."""
+        if self.parse_profile is not None:
+            folder = self.parse_profile()
+            return folder, [f"{folder} (dbt Cloud: postload's parse-only profile)"]
         if env := os.environ.get(PROFILES_DIR_ENV):  # click ignores an empty variable: so do we
             return Path(env), [f"{Path(env)} ({PROFILES_DIR_ENV})"]
         looked = [f"{self.project_dir} (the dbt project; {PROFILES_DIR_ENV} is not set)"]

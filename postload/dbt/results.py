@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from postload.warehouse import NodeResult
 
-__all__ = ["FAILED_STATUSES", "DbtBuildError", "DbtBuildResult", "NodeResult"]
+__all__ = ["FAILED_STATUSES", "DbtBuildError", "DbtBuildResult", "NodeResult", "retryable"]
 
 FAILED_STATUSES = frozenset({"error", "fail", "runtime error"})
 
@@ -38,6 +38,15 @@ class DbtBuildResult:
         if self.nothing_selected:
             return "nothing_selected"
         return "success"
+
+
+def retryable(nodes: list[NodeResult]) -> bool:
+    """Whether a failed build is worth retrying from its failures: a model, seed or snapshot
+    errored. A failed *data test* is a finding about the data, so a build whose only failures
+    are tests is never retried (dbt Core's ``dbt retry`` and dbt Cloud's ``/rerun/`` alike)."""
+    return any(
+        n.status == "error" and n.resource_type in ("model", "seed", "snapshot") for n in nodes
+    )
 
 
 class DbtBuildError(RuntimeError):

@@ -1,25 +1,20 @@
 """CloudDbtRunner against a stateful fake of the dbt Cloud v2 Administrative API (respx).
 
-The fake follows the documented shapes: every JSON answer is the ``{"status": {...}, "data": ...}``
-envelope; runs carry ``id``, ``status`` (1 queued, 2 starting, 3 running, 10 success, 20 error,
-30 cancelled), ``status_humanized``, ``href``, ``is_complete``/``is_success``/``is_error``/
-``is_cancelled``/``in_progress``, ``job_definition_id``; the trigger's ``cause`` and
-``steps_override`` live on the related ``trigger`` object (``include_related=['trigger']``);
-artifacts are served raw. No test sleeps for real: sleep and clock are a fake clock.
+The fake (``tests/fake_dbt_cloud.py``) follows the documented shapes and refuses what dbt Cloud
+is not documented to accept. No test sleeps for real: sleep and clock are a fake clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 import respx
+from prefect.exceptions import TerminationSignal
+from prefect.flow_engine import FlowRunTimeoutError
 from prefect_dbt.cloud import DbtCloudCredentials
 
 from postload.config import Selection, Settings
@@ -30,270 +25,21 @@ from postload.dbt._cloud import (
     DbtCloudError,
     DbtCloudRunTimeoutError,
     DbtCloudUnavailableError,
+    include_related_param,
     node_from_run_result,
 )
-from tests.conftest import suite_secret
+from tests.fake_dbt_cloud import (
+    ACCOUNT,
+    API_KEY,
+    DEFAULT_JOB,
+    SOURCE_JOB,
+    FakeClock,
+    FakeDbtCloud,
+    node,
+    run_results,
+)
 
-ACCOUNT = 123
-DEFAULT_JOB = 42
-SOURCE_JOB = 77
-API_KEY = suite_secret("dbt Cloud: API key", "dbtc_TOPSECRET_k3y_do_not_leak_5f1e")
-HOST = "cloud.getdbt.com"
-PREFIX = f"/api/v2/accounts/{ACCOUNT}"
-STATUS_NAMES = {
-    1: "Queued",
-    2: "Starting",
-    3: "Running",
-    10: "Success",
-    20: "Error",
-    30: "Cancelled",
-}
 EVENTS = Selection(select="source:events+")
-
-
-def _ok(data: Any, extra: dict | None = None, code: int = 200) -> httpx.Response:
-    body: dict[str, Any] = {
-        "status": {
-            "code": code,
-            "is_success": True,
-            "user_message": "Success!",
-            "developer_message": "",
-        },
-        "data": data,
-    }
-    if extra is not None:
-        body["extra"] = extra
-    return httpx.Response(code, json=body)
-
-
-def _err(code: int, message: str) -> httpx.Response:
-    body = {
-        "status": {
-            "code": code,
-            "is_success": False,
-            "user_message": message,
-            "developer_message": "",
-        },
-        "data": None,
-    }
-    return httpx.Response(code, json=body)
-
-
-def run_results(*results: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/run-results/v6.json"},
-        "results": list(results),
-        "elapsed_time": 3.2,
-        "args": {"which": "build"},
-    }
-
-
-def node(
-    unique_id: str, status: str = "success", message: str | None = None, rows: int | None = 5
-) -> dict[str, Any]:
-    return {
-        "unique_id": unique_id,
-        "status": status,
-        "timing": [
-            {
-                "name": "compile",
-                "started_at": "2025-01-02T03:04:00.000000Z",
-                "completed_at": "2025-01-02T03:04:01.000000Z",
-            },
-            {
-                "name": "execute",
-                "started_at": "2025-01-02T03:04:01.500000Z",
-                "completed_at": "2025-01-02T03:04:03.000000Z",
-            },
-        ],
-        "thread_id": "Thread-1",
-        "execution_time": 1.75,
-        "adapter_response": {"_message": "OK", "code": "SUCCESS", "rows_affected": rows},
-        "message": message,
-        "failures": 1 if status in ("fail", "error") else 0,
-    }
-
-
-@dataclass
-class FakeDbtCloud:
-    """A small stateful dbt Cloud: jobs, triggers, runs that advance on each poll, artifacts."""
-
-    jobs: set[int] = field(default_factory=lambda: {DEFAULT_JOB, SOURCE_JOB})
-    api_key: str = API_KEY
-    # the statuses successive GET /runs/{id}/ return (the last one repeats)
-    script: list[int] = field(default_factory=lambda: [1, 3, 10])
-    artifact: dict[str, Any] | None = field(
-        default_factory=lambda: run_results(node("model.shop.stg_events"))
-    )
-    status_message: str | None = None
-    # planned trigger failures, consumed in order: "429", "500" (nothing created),
-    # "500-lost" (the run IS created, the answer is a 500), "drop-lost" (created, connection drops)
-    trigger_failures: list[str] = field(default_factory=list)
-    # fail the next N GET /runs/{id}/ with 503
-    poll_failures: int = 0
-    # adversarial, NOT dbt Cloud behaviour: echo the Authorization header in error messages
-    echo_auth: bool = False
-
-    trigger_attempts: int = 0
-    trigger_bodies: list[dict[str, Any]] = field(default_factory=list)
-    triggered_jobs: list[int] = field(default_factory=list)
-    runs: dict[int, dict[str, Any]] = field(default_factory=dict)
-    triggers: dict[int, dict[str, Any]] = field(default_factory=dict)
-    polls: dict[int, int] = field(default_factory=dict)
-    list_calls: list[dict[str, str]] = field(default_factory=list)
-    next_id: int = 9000
-
-    def install(self, router: respx.MockRouter) -> None:
-        base = dict(scheme="https", host=HOST)
-        router.post(**base, path__regex=rf"^{PREFIX}/jobs/(?P<job>\d+)/run/$").mock(
-            side_effect=self._trigger
-        )
-        router.get(**base, path__regex=rf"^{PREFIX}/runs/$").mock(side_effect=self._list_runs)
-        router.get(**base, path__regex=rf"^{PREFIX}/runs/(?P<run>\d+)/$").mock(
-            side_effect=self._get_run
-        )
-        router.get(
-            **base, path__regex=rf"^{PREFIX}/runs/(?P<run>\d+)/artifacts/(?P<path>.+)$"
-        ).mock(side_effect=self._artifact)
-
-    # -- endpoints
-
-    def _auth(self, request: httpx.Request) -> httpx.Response | None:
-        header = request.headers.get("authorization", "")
-        if header in (f"Bearer {self.api_key}", f"Token {self.api_key}"):
-            return None
-        detail = f" (got {header!r})" if self.echo_auth else ""
-        return _err(401, f"Invalid token.{detail}")
-
-    def _trigger(self, request: httpx.Request, job: str) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        self.trigger_attempts += 1
-        body = json.loads(request.content)
-        self.trigger_bodies.append(body)
-        failure = self.trigger_failures.pop(0) if self.trigger_failures else None
-        if failure == "429":
-            return _err(429, "Too many requests")
-        if failure == "500":
-            return _err(500, "Internal server error")
-        if int(job) not in self.jobs:
-            return _err(404, "The requested resource was not found.")
-        run = self._create_run(int(job), body)
-        if failure == "500-lost":
-            return _err(500, "Internal server error")
-        if failure == "drop-lost":
-            raise httpx.ReadError("connection reset by peer", request=request)
-        return _ok(self._public(run))
-
-    def _get_run(self, request: httpx.Request, run: str) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        if self.poll_failures:
-            self.poll_failures -= 1
-            return _err(503, "Service unavailable")
-        rid = int(run)
-        if rid not in self.runs:
-            return _err(404, "The requested resource was not found.")
-        n = self.polls.get(rid, 0)
-        self.polls[rid] = n + 1
-        self._set_status(self.runs[rid], self.script[min(n, len(self.script) - 1)])
-        return _ok(self._public(self.runs[rid], request))
-
-    def _list_runs(self, request: httpx.Request) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        q = dict(request.url.params)
-        self.list_calls.append(q)
-        runs = list(self.runs.values())
-        if "job_definition_id" in q:
-            runs = [r for r in runs if r["job_definition_id"] == int(q["job_definition_id"])]
-        order = q.get("order_by", "id")
-        runs.sort(key=lambda r: r["id"], reverse=order.startswith("-"))
-        total = len(runs)
-        limit = int(q.get("limit", 100))
-        runs = runs[:limit]
-        return _ok(
-            [self._public(r, request) for r in runs],
-            extra={
-                "filters": {"limit": limit, "offset": 0},
-                "order_by": order,
-                "pagination": {"count": len(runs), "total_count": total},
-            },
-        )
-
-    def _artifact(self, request: httpx.Request, run: str, path: str) -> httpx.Response:
-        if denied := self._auth(request):
-            return denied
-        rid = int(run)
-        if rid not in self.runs or path != "run_results.json" or self.artifact is None:
-            return _err(404, "The requested resource was not found.")
-        if not self.runs[rid]["is_complete"]:
-            return _err(404, "The requested resource was not found.")
-        return httpx.Response(200, json=self.artifact)  # artifacts are served raw, no envelope
-
-    # -- state
-
-    def _create_run(self, job: int, body: dict[str, Any]) -> dict[str, Any]:
-        self.next_id += 1
-        rid = self.next_id
-        self.triggered_jobs.append(job)
-        self.triggers[rid] = {
-            "id": rid + 500,
-            "cause": body.get("cause"),
-            "job_definition_id": job,
-            "steps_override": body.get("steps_override"),
-            "schema_override": body.get("schema_override"),
-        }
-        run = {
-            "id": rid,
-            "trigger_id": rid + 500,
-            "account_id": ACCOUNT,
-            "environment_id": 5,
-            "project_id": 6,
-            "job_definition_id": job,
-            "job_id": job,
-            "status_message": None,
-            "git_branch": "main",
-            "href": f"https://{HOST}/deploy/{ACCOUNT}/projects/6/runs/{rid}/",
-        }
-        self._set_status(run, 1)
-        self.runs[rid] = run
-        return run
-
-    def _set_status(self, run: dict[str, Any], status: int) -> None:
-        run.update(
-            status=status,
-            status_humanized=STATUS_NAMES[status],
-            in_progress=status in (1, 2, 3),
-            is_complete=status in (10, 20, 30),
-            is_success=status == 10,
-            is_error=status == 20,
-            is_cancelled=status == 30,
-            is_running=status == 3,
-            status_message=self.status_message if status in (20, 30) else None,
-        )
-
-    def _public(self, run: dict[str, Any], request: httpx.Request | None = None) -> dict[str, Any]:
-        out = dict(run)
-        related = request.url.params.get("include_related", "") if request else ""
-        if "trigger" in related:
-            out["trigger"] = dict(self.triggers[run["id"]])
-        return out
-
-
-class FakeClock:
-    """``sleep`` advances ``now``; nothing waits for real."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -347,8 +93,9 @@ def test_success_triggers_default_job_with_steps_override_and_reads_nodes(fake, 
     assert CAUSE_TOKEN.search(body["cause"])
 
     (run_id,) = fake.runs
-    assert fake.polls[run_id] == 3  # 1 queued -> 3 running -> 10 success
+    assert fake.polls[run_id] >= 3  # 1 queued -> 3 running -> 10 success (then its steps)
     assert clock.sleeps == [10, 10]
+    assert fake.rerun_calls == [] and fake.cancel_calls == []
     assert result.status == "success"
     assert result.run_id == run_id
     assert result.run_url == fake.runs[run_id]["href"]
@@ -393,7 +140,7 @@ def test_errored_run_returns_failed_nodes_without_raising(fake, clock):
         node("model.shop.events_daily", status="error", message="Division by zero", rows=None),
         node("test.shop.unique_events_daily_day.0123456789", status="skipped"),
     )
-    result = make_runner(clock).build(EVENTS, cause="c")
+    result = make_runner(clock, reruns=0).build(EVENTS, cause="c")
 
     assert result.status == "error"
     assert [n.name for n in result.failed_nodes] == ["events_daily"]
@@ -431,15 +178,26 @@ def test_cancelled_run_is_not_success_and_says_cancelled(fake, clock):
 # ---------------------------------------------------------------------- 4. 429
 
 
-def test_rate_limited_trigger_is_retried_and_creates_one_run(fake, clock):
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"),
+    [
+        ("30", 30, 30),  # the server's Retry-After, longer than the backoff: honoured
+        ("1", 5, 7.5),  # shorter: the base delay plus up to 50 % jitter
+        ("900", 300, 300),  # absurd: capped
+    ],
+)
+def test_rate_limited_trigger_waits_for_retry_after_and_creates_one_run(
+    fake, clock, retry_after, low, high
+):
     fake.trigger_failures = ["429"]
+    fake.retry_after = retry_after
     result = make_runner(clock).build(EVENTS, cause="c")
 
     assert fake.trigger_attempts == 2
     assert len(fake.runs) == 1
     assert fake.list_calls == []  # a 429 was not accepted: no need to look for a run
     assert result.status == "success"
-    assert 5 <= clock.sleeps[0] <= 7.5  # base delay plus up to 50 % jitter
+    assert low <= clock.sleeps[0] <= high
     assert fake.trigger_bodies[0]["cause"] == fake.trigger_bodies[1]["cause"]
 
 
@@ -472,8 +230,7 @@ def test_500_that_created_nothing_is_retried_after_checking(fake, clock):
 
 
 def test_lost_response_does_not_adopt_someone_elses_run(fake, clock):
-    other = fake._create_run(DEFAULT_JOB, {"cause": "scheduled run"})
-    fake._set_status(other, 3)
+    other = fake.create_run(DEFAULT_JOB, {"cause": "scheduled run"})
     fake.trigger_failures = ["500"]
     result = make_runner(clock).build(EVENTS, cause="c")
 
@@ -498,11 +255,12 @@ def test_trigger_giving_up_says_a_run_may_exist(fake, clock):
 # ---------------------------------------------------------------------- 6. per-source job
 
 
-def test_per_source_job_runs_as_is(fake, clock):
+def test_per_source_job_runs_the_selection_with_steps_override(fake, clock):
     result = make_runner(clock).build(EVENTS, cause="c", job_id=SOURCE_JOB)
 
     assert fake.triggered_jobs == [SOURCE_JOB]
-    assert "steps_override" not in fake.trigger_bodies[0]
+    # the job supplies environment, target and settings; postload supplies what to build
+    assert fake.trigger_bodies[0]["steps_override"] == ["dbt build --select source:events+"]
     assert result.selection == "--select source:events+"
     assert result.status == "success"
 
@@ -636,8 +394,10 @@ def test_from_settings_loads_the_named_block(monkeypatch):
         retries=4,
         retry_backoff_seconds=1.5,
         retry_jitter_factor=0.1,
+        dbt_node_retries=2,
     )
     runner = CloudDbtRunner.from_settings(settings)
+    assert runner.reruns == 2  # retries from failure: the same setting as Core's `dbt retry`
     assert loaded == ["my-dbt"]
     assert runner.kind == "cloud"
     assert (runner.job_id, runner.max_wait_seconds, runner.poll_seconds) == (DEFAULT_JOB, 99, 2.5)
@@ -681,3 +441,341 @@ def test_node_timing_falls_back_to_compile():
     result = node_from_run_result(entry)
     assert result.started_at is not None and result.started_at.isoformat() == "2025-01-02T03:04:00"
     assert result.rows_affected is None
+
+
+# ---------------------------------------------------------------------- retry from failure
+
+FAILED_BUILD = run_results(
+    node("model.shop.stg_events"),
+    node("model.shop.events_daily", status="error", message="Lock wait timeout", rows=None),
+    node("test.shop.unique_events_daily_day.0123456789", status="skipped"),
+)
+RETRIED = run_results(
+    node("model.shop.events_daily", rows=7),
+    node("test.shop.unique_events_daily_day.0123456789", status="pass", rows=0),
+)
+
+
+def test_failed_run_is_retried_from_failure_once_never_retriggered(fake, clock):
+    fake.script = [3, 20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_artifact = RETRIED
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    first, rerun = sorted(fake.runs)
+    assert fake.trigger_attempts == 1  # never a second trigger
+    assert fake.rerun_calls == [DEFAULT_JOB]  # exactly one /rerun/
+    assert fake.triggers[rerun]["cause"] == f"Rerun of run {first} from failure"
+    assert result.status == "success"
+    assert (result.run_id, result.run_url) == (rerun, fake.runs[rerun]["href"])
+    # the rerun's nodes replace the failed and skipped ones; what had succeeded stays
+    assert {n.unique_id: n.status for n in result.nodes} == {
+        "model.shop.stg_events": "success",
+        "model.shop.events_daily": "success",
+        "test.shop.unique_events_daily_day.0123456789": "pass",
+    }
+    assert result.retried == [
+        ["model.shop.events_daily", "test.shop.unique_events_daily_day.0123456789"]
+    ]
+    assert f"retried from failure as run {rerun}" in (result.message or "")
+
+
+def test_rerun_that_fails_again_stops_after_the_configured_reruns(fake, clock):
+    fake.script = [20]
+    fake.rerun_script = [20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_artifact = run_results(
+        node("model.shop.events_daily", status="error", message="still locked", rows=None)
+    )
+    result = make_runner(clock, reruns=2).build(EVENTS, cause="c")
+
+    assert fake.rerun_calls == [DEFAULT_JOB, DEFAULT_JOB]
+    assert fake.trigger_attempts == 1
+    assert result.status == "error"
+    assert [n.message for n in result.failed_nodes] == ["still locked"]
+    assert len(result.retried) == 2
+
+
+def test_failed_data_tests_alone_are_not_retried(fake, clock):
+    fake.script = [20]
+    fake.artifact = run_results(
+        node("model.shop.events_daily"),
+        node("test.shop.accepted_values_x.0123456789", status="fail", message="Got 3 results"),
+    )
+    result = make_runner(clock, reruns=3).build(EVENTS, cause="c")
+
+    assert fake.rerun_calls == []
+    assert result.status == "error"
+    assert [n.name for n in result.failed_nodes] == ["accepted_values_x"]
+
+
+def test_no_rerun_when_the_jobs_latest_run_is_not_ours(fake, clock):
+    """``/rerun/`` acts on the job's latest run: another run of the job meanwhile means no."""
+    fake.script = [3, 20]
+    fake.artifact = FAILED_BUILD
+    clock.on_sleep = lambda n: fake.create_run(DEFAULT_JOB, {"cause": "Scheduled"})
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    ours, theirs = sorted(fake.runs)
+    assert fake.rerun_calls == []
+    assert result.status == "error" and result.run_id == ours
+    assert f"latest run of job {DEFAULT_JOB} is now run {theirs}" in (result.message or "")
+
+
+def test_rerun_whose_answer_was_lost_is_not_sent_again(fake, clock):
+    fake.script = [20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_failures = ["500-lost"]  # dbt Cloud created the rerun, the answer is a 500
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    first, created = sorted(fake.runs)
+    assert fake.rerun_calls == [DEFAULT_JOB]  # not a second /rerun/ (it would rerun the rerun)
+    assert result.status == "error" and result.run_id == first
+    assert f"is now run {created}" in (result.message or "")
+
+
+def test_rerun_that_created_nothing_is_sent_again(fake, clock):
+    fake.script = [20]
+    fake.artifact = FAILED_BUILD
+    fake.rerun_artifact = RETRIED
+    fake.rerun_failures = ["500"]
+    result = make_runner(clock, reruns=1).build(EVENTS, cause="c")
+
+    assert fake.rerun_calls == [DEFAULT_JOB, DEFAULT_JOB]
+    assert len(fake.runs) == 2
+    assert result.status == "success"
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize(
+    "interruption",
+    [TerminationSignal(signal=15), FlowRunTimeoutError("Scope timed out after 60 second(s).")],
+    ids=["prefect-cancel", "flow-timeout"],
+)
+def test_interrupted_wait_cancels_the_run_and_reraises(fake, clock, caplog, interruption):
+    fake.script = [1, 3]
+
+    def interrupt(n: int) -> None:
+        raise interruption
+
+    clock.on_sleep = interrupt
+    with pytest.raises(type(interruption)):
+        make_runner(clock).build(EVENTS, cause="c")
+
+    (run_id,) = fake.runs
+    assert fake.cancel_calls == [run_id]
+    assert fake.runs[run_id]["status"] == 30
+    assert fake.trigger_attempts == 1 and fake.rerun_calls == []
+    assert any(
+        "cancelled" in r.getMessage() and fake.runs[run_id]["href"] in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_interrupted_rerun_wait_cancels_the_rerun(fake, clock):
+    fake.script = [20]
+    fake.rerun_script = [1, 3]
+    fake.artifact = FAILED_BUILD
+
+    def interrupt(n: int) -> None:
+        raise TerminationSignal(signal=15)
+
+    clock.on_sleep = interrupt
+    with pytest.raises(TerminationSignal):
+        make_runner(clock).build(EVENTS, cause="c")
+
+    _first, rerun = sorted(fake.runs)
+    assert fake.cancel_calls == [rerun]
+
+
+def test_cancel_that_fails_is_logged_and_the_interruption_still_raised(fake, clock, caplog):
+    fake.script = [1]
+
+    def interrupt(n: int) -> None:
+        fake.runs.clear()  # the cancel gets a 404
+        raise TerminationSignal(signal=15)
+
+    clock.on_sleep = interrupt
+    with pytest.raises(TerminationSignal):
+        make_runner(clock).build(EVENTS, cause="c")
+    assert any("cancelling the run failed" in r.getMessage() for r in caplog.records)
+
+
+def test_our_own_wait_limit_leaves_the_run_alone(fake, clock):
+    fake.script = [1]
+    with pytest.raises(DbtCloudRunTimeoutError):
+        make_runner(clock, max_wait_seconds=30).build(EVENTS, cause="c")
+    assert fake.cancel_calls == []
+
+
+# ---------------------------------------------------------------------- steps, progress, API form
+
+
+def test_every_dbt_node_step_is_read_and_merged(fake, clock):
+    # the job's own steps stay around steps_override: a seed before, docs generation after
+    fake.steps_before[DEFAULT_JOB] = ["dbt seed"]
+    fake.steps_after[DEFAULT_JOB] = ["dbt docs generate"]
+    fake.step_artifacts = {
+        "dbt seed": run_results(node("seed.shop.countries", rows=250)),
+        # docs generate lists compiled models: not build results
+        "dbt docs generate": run_results(node("model.shop.only_compiled")),
+    }
+    fake.artifact = run_results(node("model.shop.stg_events"), node("model.shop.events_daily"))
+    result = make_runner(clock).build(EVENTS, cause="c")
+
+    (run_id,) = fake.runs
+    # steps: 1 clone, 2 profile, 3 deps, 4 seed, 5 build, 6 docs generate
+    assert sorted(step for rid, step in fake.artifact_requests if rid == run_id) == [4, 5]
+    assert [n.unique_id for n in result.nodes] == [
+        "seed.shop.countries",
+        "model.shop.stg_events",
+        "model.shop.events_daily",
+    ]
+    assert result.status == "success"
+
+
+def test_a_line_per_poll_with_the_runs_link_and_status(fake, clock, caplog):
+    caplog.set_level(logging.INFO)
+    fake.script = [1, 2, 3, 3, 10]
+    make_runner(clock).build(EVENTS, cause="c")
+
+    (run_id,) = fake.runs
+    href = fake.runs[run_id]["href"]
+    lines = [r.getMessage() for r in caplog.records if href in r.getMessage()]
+    progress = [line for line in lines if line.startswith(f"dbt Cloud run {run_id}: ")]
+    assert [line.split(": ")[1].split(" after")[0] for line in progress] == [
+        "Queued",
+        "Starting",
+        "Running",
+        "Running",
+        "Success",
+    ]
+
+
+def test_include_related_is_sent_as_the_documented_json_list(fake, clock):
+    assert include_related_param(["trigger"]) == '["trigger"]'
+    fake.trigger_failures = ["500-lost"]
+    make_runner(clock).build(EVENTS, cause="c")
+    (listing,) = fake.list_calls
+    assert listing["include_related"] == '["trigger"]'
+
+
+def test_the_fake_refuses_undocumented_forms():
+    """The fake is strict, so the tests above prove the runner sends the documented forms."""
+    import httpx
+
+    cloud = FakeDbtCloud()
+    base = f"https://cloud.getdbt.com/api/v2/accounts/{ACCOUNT}"
+    with respx.mock(assert_all_called=False) as router:
+        cloud.install(router)
+        run = cloud.create_run(DEFAULT_JOB, {"cause": "x"})
+        token = {"Authorization": f"Token {API_KEY}"}
+        url = f"{base}/runs/{run['id']}/"
+        assert httpx.get(url, headers=token).status_code == 200
+        assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+        for form in ("['trigger']", "trigger"):
+            got = httpx.get(url, headers=token, params={"include_related": form})
+            assert got.status_code == 400, form
+        got = httpx.get(url, headers=token, params={"include_related": '["trigger"]'})
+        assert got.json()["data"]["trigger"]["cause"] == "x"
+
+
+# ---------------------------------------------------------------------- parsing without credentials
+
+
+def _cloud_settings(tmp_path, monkeypatch, warehouse: str) -> Settings:
+    for name in ("DBT_PROFILES_DIR", "DBT_TARGET", "DBT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.dbt/profiles.yml to fall back on
+    project = tmp_path / "shop"
+    (project / "models").mkdir(parents=True)
+    (project / "dbt_project.yml").write_text(
+        'name: shop\nversion: "1.0.0"\nprofile: shop_prod\n'
+        "flags:\n  send_anonymous_usage_stats: false\n"
+    )
+    (project / "models" / "sources.yml").write_text(
+        "version: 2\nsources:\n  - name: shopify\n    schema: fivetran_shopify\n"
+        "    tables: [{name: orders}]\n"
+    )
+    (project / "models" / "stg_orders.sql").write_text(
+        "select * from {{ source('shopify', 'orders') }}\n"
+    )
+    return Settings(
+        _env_file=None,
+        project_dir=tmp_path,
+        dbt_project_dir=project,
+        dbt_runner="cloud",
+        warehouse=warehouse,
+    )
+
+
+def test_cloud_mode_parses_a_snowflake_project_without_any_local_profile(tmp_path, monkeypatch):
+    """No profiles.yml anywhere and no credentials: dbt Cloud builds, postload only parses."""
+    import prefect_snowflake
+
+    from postload.dbt import DbtProject
+
+    class Block:
+        database = "ANALYTICS"
+
+    monkeypatch.setattr(prefect_snowflake.SnowflakeConnector, "load", lambda *a, **k: Block())
+    settings = _cloud_settings(tmp_path, monkeypatch, "snowflake")
+    project = DbtProject.from_settings(settings)
+    manifest = project.manifest()
+
+    assert manifest["metadata"]["adapter_type"] == "snowflake"
+    (source,) = manifest["sources"].values()
+    # the database sources default to is the warehouse's, as postload reads them back
+    assert source["relation_name"] == "ANALYTICS.fivetran_shopify.orders"
+    profile = (project.profiles_dir() / "profiles.yml").read_text()
+    assert "shop_prod:" in profile and "postload_parse_only" in profile
+    assert project.profiles_dir().is_relative_to(project.target_path)
+    # written once: an unchanged profile does not make the next run parse again
+    mtime = (project.profiles_dir() / "profiles.yml").stat().st_mtime_ns
+    DbtProject.from_settings(settings)
+    assert (project.profiles_dir() / "profiles.yml").stat().st_mtime_ns == mtime
+
+
+def test_cloud_mode_parse_profile_on_duckdb_names_the_warehouse_file(tmp_path, monkeypatch):
+    from postload.dbt._parse_profile import parse_profile
+
+    settings = _cloud_settings(tmp_path, monkeypatch, "duckdb")
+    monkeypatch.setenv("DBT_TARGET", "prod")
+    profile = parse_profile(settings.dbt_project_path, settings)
+    assert profile["shop_prod"] == {
+        "target": "prod",
+        "outputs": {
+            "prod": {
+                "type": "duckdb",
+                "path": str(settings.duckdb_file),
+                "schema": "postload_parse_only",
+                "threads": 1,
+            }
+        },
+    }
+
+
+def test_doctor_in_cloud_mode_checks_jobs_not_a_local_profile():
+    from postload.config import PipelineConfig
+    from postload.doctor import Status, check_dbt_cloud
+
+    pipeline = PipelineConfig.model_validate(
+        {
+            "sources": [
+                {"name": "orders", "raw_table": "orders", "stage": "orders"},
+                {"name": "events", "raw_table": "events", "stage": "events", "dbt_cloud_job_id": 7},
+            ]
+        }
+    )
+    settings = Settings(_env_file=None, dbt_runner="cloud")
+    *_, jobs = check_dbt_cloud(settings, pipeline)
+    assert jobs.status is Status.FAIL
+    assert "orders" in jobs.message and "events" not in jobs.message
+    assert "POSTLOAD_DBT_CLOUD_JOB_ID" in (jobs.fix or "")
+
+    with_default = Settings(_env_file=None, dbt_runner="cloud", dbt_cloud_job_id=42)
+    results = check_dbt_cloud(with_default, pipeline)
+    assert [r.status for r in results] == [Status.OK, Status.SKIP, Status.SKIP, Status.OK]
+    assert "job(s) 7, 42" in results[-1].message

@@ -277,6 +277,9 @@ def test_flow_runs_load_their_flow_from_the_checkout_in_postload_project_dir(
             )
             for d in deployed.deployments.values()
         ]
+        # Each run carries its deployment's version, the commit (postload.checkout compares the
+        # worker's checkout with it).
+        assert [r.deployment_version for r in flow_runs] == [head_commit()] * len(flow_runs)
         try:
             result = subprocess.run(
                 [sys.executable, "-c", LOAD_FLOWS, *(str(r.id) for r in flow_runs)],

@@ -665,3 +665,31 @@ def test_ci_deploy_refuses_a_version_that_is_not_the_checked_out_commit(
     assert result.returncode == 1
     assert message in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("path", [LOCAL_FILE, DOCKER_FILE], ids=["prefect.yaml", "docker"])
+@pytest.mark.parametrize(
+    ("version", "passes"),
+    [(None, False), ("", False), ("main", False), ("latest", False), ("3f2a9c1", True)],
+)
+def test_the_version_guard_takes_only_a_commit(
+    path: Path, version: str | None, passes: bool
+) -> None:
+    """Each file's guard step, run as Prefect runs it (`shell: true`: /bin/sh -c)."""
+    [guard] = [s[VERSION_GUARD] for s in load(path)["build"] if VERSION_GUARD in s]
+    assert guard["shell"] is True
+    env = {"PATH": os.environ["PATH"], "POSTLOAD_IMAGE": "registry.example.test/data/postload"}
+    if version is not None:
+        env["POSTLOAD_VERSION"] = version
+    result = subprocess.run(
+        ["/bin/sh", "-c", guard["script"]], env=env, capture_output=True, text=True
+    )
+    assert (result.returncode == 0) is passes, result.stderr
+    if not passes:
+        assert "POSTLOAD_VERSION must be the commit to deploy" in result.stderr
+    if path == DOCKER_FILE and passes:
+        del env["POSTLOAD_IMAGE"]
+        result = subprocess.run(
+            ["/bin/sh", "-c", guard["script"]], env=env, capture_output=True, text=True
+        )
+        assert result.returncode != 0 and "POSTLOAD_IMAGE must name the image" in result.stderr

@@ -1,8 +1,12 @@
 # postload's image: what a Docker or Kubernetes work pool runs flows in (prefect.docker.yaml builds
-# and pushes it), and the Fivetran webhook receiver (the default command):
+# and pushes it, tagged with the commit; CI does so on every push to main), and the Fivetran
+# webhook receiver (the default command):
 #
 #   docker build -t postload .
 #   docker run -p 8787:8787 -e PREFECT_API_URL=… -v postload-state:/opt/postload/.postload postload
+#
+# `make image` builds it with podman and smoke-tests it inside (tests/system/image_smoke.sh).
+# The lock includes the `snowflake` extra, so dbt Core runs on DuckDB and on Snowflake.
 #
 # Credentials are never baked in: flows read them from Prefect blocks at run time, the receiver
 # its webhook secret from the environment or a Secret block, Prefect its API key from the

@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 # budget is too tight on a 2-core machine (~25 s measured).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-fast lint lock bench bench-quick faults faults-quick clean
+.PHONY: setup demo test test-fast lint lock bench bench-quick faults faults-quick image clean
 
 $(BIN)/postload: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,17 @@ faults: setup
 ## The short version CI runs (.ci/run): 200 deliveries, the SIGKILL, a 10 s outage.
 faults-quick: setup
 	$(BIN)/python tests/system/faults.py --quick
+
+## Build the image with podman (no Docker engine needed) and smoke-test it inside
+## (tests/system/image_smoke.sh): the CLI, the demo plan, the flows' imports, a Snowflake dbt parse.
+## Where containers can be built but not run (a sandbox), PODMAN_BUILD_FLAGS=--isolation=chroot.
+IMAGE ?= postload:local
+PODMAN_BUILD_FLAGS ?=
+image:
+	@start=$$(date +%s) \
+	  && podman build $(PODMAN_BUILD_FLAGS) -t $(IMAGE) . \
+	  && echo "image $(IMAGE) built in $$(( $$(date +%s) - start )) s"
+	tests/system/image_smoke.sh $(IMAGE)
 
 clean:
 	rm -rf .postload dbt_project/target dbt_project/logs

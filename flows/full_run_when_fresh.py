@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from postload.alerts import announce_stale_sources
+from postload.checkout import warn_if_checkout_differs
 from postload.config import Settings
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
 from postload.freshness import FULL_BUILD, FullRunDecision, decide, tracked_sources
@@ -43,6 +44,7 @@ def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
     """
     logger = get_run_logger()
     settings = Settings()
+    warn_if_checkout_differs(settings.project_dir)
     pipeline = settings.load_pipeline()
     project = DbtProject.from_settings(settings)
     manifest = project.manifest()

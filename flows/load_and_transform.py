@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from postload.checkout import warn_if_checkout_differs
 from postload.config import PipelineConfig, Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
 from postload.load import LoadVerdict, rejects_table, verify_load
@@ -89,6 +90,7 @@ def report(
 def load_and_transform(source: str) -> dict[str, Any]:
     """Load one source's new files, verify, build its downstream dbt models, record the result."""
     settings = Settings()
+    warn_if_checkout_differs(settings.project_dir)
     pipeline = settings.load_pipeline()
     src = pipeline.source(source)
     warehouse = open_warehouse(settings, pipeline)

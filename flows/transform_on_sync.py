@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from postload.checkout import warn_if_checkout_differs
 from postload.config import DbtRunnerKind, PipelineConfig, Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
 from postload.plan import BuildGroup, TransformPlan, plan_transform
@@ -86,6 +87,7 @@ def transform_on_sync(
     """
     logger = get_run_logger()
     settings = Settings()
+    warn_if_checkout_differs(settings.project_dir)
     pipeline = settings.load_pipeline()
     if connector_id is not None and not pipeline.sources_for_connector(connector_id):
         return _unknown_connector(connector_id, sync_id, pipeline)

@@ -3,7 +3,9 @@
 The deployments are read back through the API and compared with prefect.yaml; the pull step is run
 the way a process worker runs it; prefect.docker.yaml is deployed with prefect-docker's build and
 push steps replaced by a recorder (no Docker engine here) to check its image and pool wiring; and
-the CI workflow is checked to deploy only from main, after the tests, with pinned actions.
+the CI workflow is checked to deploy only from main, after the tests, with pinned actions, the
+commit it tested as every deployment's version and the image's tag. Both files are deployed by
+.ci/deploy, the script CI's deploy job runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.utilities.hashing import file_hash
 from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
 from typer.testing import CliRunner
 
@@ -40,8 +43,11 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 LOCAL_FILE = REPO / "prefect.yaml"
 DOCKER_FILE = REPO / "prefect.docker.yaml"
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
+CI_DEPLOY = REPO / ".ci" / "deploy"
 DEPLOY_TIMEOUT = 300
 HEARTBEAT = "30"  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY in both deployment files
+VERSION_GUARD = "prefect.deployments.steps.run_shell_script"  # both files' first build step
+PINNED = "{{ $POSTLOAD_VERSION }}"  # every deployment's version, and the image's tag
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -63,9 +69,16 @@ def cli_env(api_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def prefect_deploy_all(api_url: str, *args: str, **env: str) -> str:
-    result = subprocess.run(
-        [PREFECT, "--no-prompt", "deploy", "--all", *args],
+def head_commit() -> str:
+    """The checkout's commit: what a deploy from it is pinned to (POSTLOAD_VERSION)."""
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def run(argv: list[str], api_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
         cwd=REPO,
         env=cli_env(api_url, **env),
         stdin=subprocess.DEVNULL,
@@ -73,7 +86,14 @@ def prefect_deploy_all(api_url: str, *args: str, **env: str) -> str:
         text=True,
         timeout=DEPLOY_TIMEOUT,
     )
-    assert result.returncode == 0, f"prefect deploy failed:\n{result.stdout}\n{result.stderr}"
+
+
+def ci_deploy(api_url: str, prefect_file: Path, **env: str) -> str:
+    """.ci/deploy, as CI's deploy job runs it, pinned to the checkout's commit."""
+    result = run(
+        [str(CI_DEPLOY), str(prefect_file)], api_url, POSTLOAD_VERSION=head_commit(), **env
+    )
+    assert result.returncode == 0, f".ci/deploy failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 
@@ -187,14 +207,15 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server: str) -> Iterator[Deployed]:
-    """prefect.yaml's deployments on the session server, created by `prefect deploy --all`."""
+    """prefect.yaml's deployments on the session server, created by `prefect deploy --all` as
+    .ci/deploy runs it, pinned to the checkout's commit."""
     document = load(LOCAL_FILE)
     pool = document["definitions"]["work_pools"]["local"]
     names = [spec["name"] for spec in document["deployments"]]
     with get_client(sync_client=True) as client:
         created_pool = ensure_pool(client, pool)
         try:
-            output = prefect_deploy_all(prefect_server)
+            output = ci_deploy(prefect_server, LOCAL_FILE)
             yield Deployed(output, {name: read_deployment(client, name) for name in names})
         finally:
             remove(client, names)
@@ -204,15 +225,19 @@ def deployed(prefect_server: str) -> Iterator[Deployed]:
 
 def test_deploy_all_creates_every_deployment_as_declared(deployed: Deployed) -> None:
     document = load(LOCAL_FILE)
-    # The embedded default builds and pushes nothing: no Docker engine or prefect-docker needed.
-    assert "build steps" not in deployed.output
+    # The embedded default builds and pushes nothing (its one build step is the version guard):
+    # no Docker engine or prefect-docker needed.
+    assert [next(iter(step)) for step in document["build"]] == [VERSION_GUARD]
     assert "push steps" not in deployed.output
     assert sorted(deployed.deployments) == sorted(d["name"] for d in document["deployments"])
+    # .ci/deploy read every deployment back at the commit.
+    assert f"deployed at {head_commit()}: " in deployed.output
     with get_client(sync_client=True) as client:
         for spec in document["deployments"]:
             assert_deployed_as_declared(
                 client, deployed.deployments[spec["name"]], spec, document["pull"]
             )
+            assert deployed.deployments[spec["name"]].version == head_commit(), spec["name"]
             assert deployed.deployments[spec["name"]].job_variables == {
                 "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT}
             }
@@ -252,6 +277,9 @@ def test_flow_runs_load_their_flow_from_the_checkout_in_postload_project_dir(
             )
             for d in deployed.deployments.values()
         ]
+        # Each run carries its deployment's version, the commit (postload.checkout compares the
+        # worker's checkout with it).
+        assert [r.deployment_version for r in flow_runs] == [head_commit()] * len(flow_runs)
         try:
             result = subprocess.run(
                 [sys.executable, "-c", LOAD_FLOWS, *(str(r.id) for r in flow_runs)],
@@ -316,14 +344,10 @@ def test_schedules_apply_sets_one_load_per_copy_source_and_a_redeploy_keeps_them
         assert "load-and-transform           unchanged: 2 schedule(s)" in apply()
         assert {s.id for s in read_deployment(client, "load-and-transform").schedules} == ids
 
-        result = subprocess.run(
+        result = run(
             [PREFECT, "--no-prompt", "deploy", "--name", "load-and-transform"],
-            cwd=REPO,
-            env=cli_env(prefect_server),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=DEPLOY_TIMEOUT,
+            prefect_server,
+            POSTLOAD_VERSION=head_commit(),
         )
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
         assert applied_schedules(client, "load-and-transform") == expected
@@ -365,6 +389,9 @@ def with_fake_docker_steps(document: dict[str, Any], suffix: str) -> dict[str, A
         steps = []
         for step in document[section]:
             [(fqn, inputs)] = step.items()
+            if fqn == VERSION_GUARD:
+                steps.append(step)
+                continue
             assert fqn.startswith("prefect_docker.deployments.steps."), fqn
             inputs = {k: v for k, v in inputs.items() if k != "requires"}
             steps.append({"fake_prefect_docker." + fqn.rsplit(".", 1)[1]: inputs})
@@ -384,30 +411,30 @@ def test_docker_file_deploys_the_image_it_builds_on_the_docker_pool(
     deploy_file.write_text(yaml.safe_dump(with_fake_docker_steps(load(DOCKER_FILE), suffix)))
     (tmp_path / "fake_prefect_docker.py").write_text(FAKE_PREFECT_DOCKER)
     log = tmp_path / "docker-calls.jsonl"
-    image_name, tag = "registry.example.test/data/postload", "3f2a9c1"
+    image_name, tag = "registry.example.test/data/postload", head_commit()
 
     names = [spec["name"] for spec in document["deployments"]]
     with get_client(sync_client=True) as client:
         created_pool = ensure_pool(client, pool)
         try:
-            prefect_deploy_all(
+            ci_deploy(
                 prefect_server,
-                "--prefect-file",
-                str(deploy_file),
+                deploy_file,
                 PYTHONPATH=str(tmp_path),
                 FAKE_DOCKER_LOG=str(log),
                 POSTLOAD_IMAGE=image_name,
-                POSTLOAD_IMAGE_TAG=tag,
             )
             for spec in document["deployments"]:
                 deployment = read_deployment(client, spec["name"], suffix)
                 assert_deployed_as_declared(
                     client, deployment, {**spec, "name": spec["name"] + suffix}, document["pull"]
                 )
+                # the image tagged with the commit, and the commit as the version
                 assert deployment.job_variables == {
                     "image": f"{image_name}:{tag}",
                     "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT},
                 }
+                assert deployment.version == tag, spec["name"]
             assert client.read_work_pool(pool["name"]).type == "docker"
         finally:
             remove(client, names, suffix)
@@ -457,13 +484,60 @@ def test_docker_file_declares_the_same_deployments_as_prefect_yaml() -> None:
         "{{ build-image.image }}"
     )
     assert [next(iter(s)) for s in docker["build"]] == [
-        "prefect_docker.deployments.steps.build_docker_image"
+        VERSION_GUARD,
+        "prefect_docker.deployments.steps.build_docker_image",
     ]
-    assert docker["build"][0]["prefect_docker.deployments.steps.build_docker_image"]["id"] == (
-        "build-image"
+    build = docker["build"][1]["prefect_docker.deployments.steps.build_docker_image"]
+    assert build["id"] == "build-image"
+    # The image's tag is the version the deployments record: the commit.
+    assert build["tag"] == PINNED
+    assert {d["version"] for d in local["deployments"]} == {PINNED}
+    # The embedded default deploys with nothing to build or push: its one step is the guard.
+    assert [next(iter(s)) for s in local["build"]] == [VERSION_GUARD]
+    assert local["push"] is None
+
+
+def deploy_first(prefect_server: str, deploy_file: Path, document: dict[str, Any]) -> Any:
+    """`prefect deploy --all` of a copy of a deployment file (written to deploy_file)."""
+    deploy_file.write_text(yaml.safe_dump(document))
+    return run(
+        [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy_file)],
+        prefect_server,
     )
-    # The embedded default deploys with nothing to build or push.
-    assert local["build"] is None and local["push"] is None
+
+
+def test_a_deploy_without_postload_version_fails_instead_of_deploying_unpinned(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    """Prefect itself does not fail on an unset `{{ $VAR }}`: it stores the flow file's hash as
+    the version. The files' guard step stops such a deploy, naming the variable.
+    (prefect.yaml cut to one deployment, renamed: the module's deployments stay as they are.)"""
+    document = load(LOCAL_FILE)
+    [spec] = document["deployments"] = document["deployments"][:1]
+    name, suffix = spec["name"], f"-unpinned-{uuid.uuid4().hex[:6]}"
+    spec["name"] += suffix
+    assert spec["version"] == PINNED
+    with get_client(sync_client=True) as client:
+        created_pool = ensure_pool(client, document["definitions"]["work_pools"]["local"])
+        try:
+            result = deploy_first(prefect_server, tmp_path / "guarded.yaml", document)
+            assert result.returncode != 0, result.stdout
+            assert "POSTLOAD_VERSION must be the commit" in result.stdout + result.stderr
+            with pytest.raises(ObjectNotFound):
+                read_deployment(client, name, suffix)
+
+            # What the guard prevents: without it, the same deploy succeeds, unpinned.
+            result = deploy_first(
+                prefect_server, tmp_path / "bare.yaml", {**document, "build": None}
+            )
+            assert result.returncode == 0, result.stderr
+            # the flow file's hash, Prefect's default version
+            flow_file = REPO / spec["entrypoint"].split(":")[0]
+            assert read_deployment(client, name, suffix).version == file_hash(str(flow_file))
+        finally:
+            remove(client, [name], suffix)
+            if created_pool:
+                client.delete_work_pool(spec["work_pool"]["name"])
 
 
 # --- the CI workflow ---------------------------------------------------------------------------
@@ -519,7 +593,7 @@ def test_ci_deploys_from_main_after_the_tests_with_the_api_key_from_secrets() ->
     assert "github.event_name == 'push'" in condition
 
     env = dict(deploy.get("env", {}))
-    deploy_steps = [s for s in steps(deploy) if "deploy --all" in s.get("run", "")]
+    deploy_steps = [s for s in steps(deploy) if ".ci/deploy" in s.get("run", "")]
     assert len(deploy_steps) == 1
     env.update(deploy_steps[0].get("env", {}))
     for name in ("PREFECT_API_KEY", "PREFECT_API_URL"):
@@ -533,3 +607,89 @@ def test_ci_deploys_from_main_after_the_tests_with_the_api_key_from_secrets() ->
     commands = [s.get("run", "") for s in steps(deploy)]
     setup = next(i for i, c in enumerate(commands) if re.search(r"^make setup$", c, re.M))
     assert setup < commands.index(deploy_steps[0]["run"])
+
+
+def test_ci_deploys_the_commit_it_tested_as_version_and_image_tag() -> None:
+    """The chain from the workflow to the server: github.sha → POSTLOAD_VERSION → the image's tag
+    and each deployment's version in prefect.docker.yaml (the file CI deploys) → what .ci/deploy
+    deploys and reads back (run against the test server by the tests above)."""
+    deploy = workflow()["jobs"]["deploy"]
+    [step] = [s for s in steps(deploy) if ".ci/deploy" in s.get("run", "")]
+    env = {**deploy.get("env", {}), **step.get("env", {})}
+    assert re.fullmatch(r"\$\{\{\s*github\.sha\s*\}\}", env["POSTLOAD_VERSION"])
+    assert env["POSTLOAD_IMAGE"]
+    assert re.search(r"^\.ci/deploy prefect\.docker\.yaml$", step["run"], re.M)
+    assert re.search(
+        r"^\.venv/bin/postload schedules apply --prefect-yaml prefect\.docker\.yaml$",
+        step["run"],
+        re.M,
+    )
+
+    document = load(DOCKER_FILE)
+    [build] = [s for s in document["build"] if "build-image" in str(s)]
+    assert build["prefect_docker.deployments.steps.build_docker_image"]["tag"] == PINNED
+    assert [d.get("version") for d in document["deployments"]] == [PINNED] * 3
+    assert document["definitions"]["work_pools"]["docker"]["job_variables"]["image"] == (
+        "{{ build-image.image }}"
+    )
+
+    # The checkout is the commit tested (actions/checkout's default), so the image is built
+    # from it: no `ref:` that would check out something else.
+    [checkout] = [s for s in steps(deploy) if s.get("uses", "").startswith("actions/checkout@")]
+    assert "ref" not in checkout.get("with", {})
+
+    # The registry password reaches docker through stdin, from the secrets.
+    login = next(s for s in steps(deploy) if "docker login" in s.get("run", ""))
+    assert "--password-stdin" in login["run"]
+    for name in ("REGISTRY_USERNAME", "REGISTRY_PASSWORD"):
+        assert re.fullmatch(rf"\$\{{\{{\s*secrets\.{name}\s*\}}\}}", login["env"][name]), name
+    commands = [s.get("run", "") for s in steps(deploy)]
+    assert commands.index(login["run"]) < commands.index(step["run"])
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (None, "POSTLOAD_VERSION must be the full SHA of the commit to deploy, got ''"),
+        ("3f2a9c1", "POSTLOAD_VERSION must be the full SHA of the commit to deploy, got '3f2a9c1'"),
+        ("0" * 40, "the checkout is at "),
+    ],
+)
+def test_ci_deploy_refuses_a_version_that_is_not_the_checked_out_commit(
+    version: str | None, message: str
+) -> None:
+    """Before any Prefect call (the API URL points nowhere): a missing or short SHA, or one that
+    is not the commit the image would be built from, stops the deploy."""
+    env = {"POSTLOAD_VERSION": version} if version else {}
+    result = run([str(CI_DEPLOY), "prefect.docker.yaml"], "http://127.0.0.1:9/api", **env)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("path", [LOCAL_FILE, DOCKER_FILE], ids=["prefect.yaml", "docker"])
+@pytest.mark.parametrize(
+    ("version", "passes"),
+    [(None, False), ("", False), ("main", False), ("latest", False), ("3f2a9c1", True)],
+)
+def test_the_version_guard_takes_only_a_commit(
+    path: Path, version: str | None, passes: bool
+) -> None:
+    """Each file's guard step, run as Prefect runs it (`shell: true`: /bin/sh -c)."""
+    [guard] = [s[VERSION_GUARD] for s in load(path)["build"] if VERSION_GUARD in s]
+    assert guard["shell"] is True
+    env = {"PATH": os.environ["PATH"], "POSTLOAD_IMAGE": "registry.example.test/data/postload"}
+    if version is not None:
+        env["POSTLOAD_VERSION"] = version
+    result = subprocess.run(
+        ["/bin/sh", "-c", guard["script"]], env=env, capture_output=True, text=True
+    )
+    assert (result.returncode == 0) is passes, result.stderr
+    if not passes:
+        assert "POSTLOAD_VERSION must be the commit to deploy" in result.stderr
+    if path == DOCKER_FILE and passes:
+        del env["POSTLOAD_IMAGE"]
+        result = subprocess.run(
+            ["/bin/sh", "-c", guard["script"]], env=env, capture_output=True, text=True
+        )
+        assert result.returncode != 0 and "POSTLOAD_IMAGE must name the image" in result.stderr

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
@@ -201,3 +202,55 @@ def test_the_parser_reads_continuations_and_skips_comments() -> None:
         Instruction("ENV", "A=1 B=2"),
     ]
     assert env_names(parsed[2]) == ["A", "B"]
+
+
+def test_the_image_has_dbt_snowflake_from_the_lock() -> None:
+    """dbt Core on Snowflake runs in the image: the lock it installs carries the adapter
+    (`make image` parses the project with a Snowflake profile inside the built image)."""
+    pinned = (REPO / "requirements.lock").read_text().splitlines()
+    assert [line for line in pinned if line.startswith("dbt-snowflake==")], "no dbt-snowflake"
+    smoke = (REPO / "tests" / "system" / "image_smoke.sh").read_text()
+    assert "type: snowflake" in smoke and "dbt parse" in smoke
+
+
+def ci_image_step() -> str:
+    """The lines of .ci/run that build the image: its `if command -v podman` block."""
+    text = (REPO / ".ci" / "run").read_text()
+    match = re.search(r"^if command -v podman\b.*?^fi$", text, re.M | re.S)
+    assert match, ".ci/run: no `if command -v podman … fi` block around `make image`"
+    return match.group(0)
+
+
+def test_ci_builds_and_smoke_tests_the_image_only_where_podman_is(tmp_path: Path) -> None:
+    """The block run with a recording `make` on PATH, with and without a `podman` beside it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "make-calls"
+    (bin_dir / "make").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bin_dir / "make").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    # /usr/bin or /bin may hold a real podman: look for the block's answer without one.
+    script = ci_image_step()
+    without = script.replace("command -v podman", "command -v podman-not-installed-here")
+
+    result = subprocess.run(["bash", "-c", without], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "podman is not installed" in result.stdout
+    assert not calls.exists()
+
+    (bin_dir / "podman").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "podman").chmod(0o755)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    [call] = calls.read_text().splitlines()
+    assert call.split()[0] == "image"
+
+
+def test_make_image_builds_with_podman_then_runs_the_smoke_test() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    match = re.search(r"^image:\n((?:\t.*\n)+)", makefile, re.M)
+    assert match, "Makefile: no `image` target"
+    recipe = match.group(1)
+    assert recipe.index("podman build") < recipe.index("tests/system/image_smoke.sh $(IMAGE)")
+    assert "built in" in recipe  # the build time is reported
+    assert (REPO / "tests" / "system" / "image_smoke.sh").stat().st_mode & 0o111

@@ -32,7 +32,7 @@ GUIDES = {
 DOCUMENTS = {"README.md": README, **GUIDES}
 
 # Read by prefect.docker.yaml's build step where you deploy, not by postload.
-DEPLOY_TIME_VARIABLES = {"POSTLOAD_IMAGE", "POSTLOAD_IMAGE_TAG"}
+DEPLOY_TIME_VARIABLES = {"POSTLOAD_IMAGE", "POSTLOAD_IMAGE_TAG", "POSTLOAD_VERSION"}
 
 
 def _code_blocks(text: str) -> list[str]:

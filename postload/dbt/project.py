@@ -164,7 +164,7 @@ class DbtProject:
         profiles_dir = self.profiles_dir()
         duckdb_path = duckdb_path or self.duckdb_path
         profiles_yml = profiles_dir / "profiles.yml"
-        from postload.dbt._prefect_dbt import DbtSettings  # imports Prefect and dbt: ~1-2 s
+        from postload.dbt._prefect_dbt_public import DbtSettings  # imports Prefect, dbt: ~1-2 s
 
         settings = DbtSettings(project_dir=self.project_dir, profiles_dir=profiles_dir)
         try:

@@ -248,12 +248,14 @@ class DbtProject:
             and target.database.strip('"').upper() != loads_into.strip('"').upper()
         ):
             raise DbtInvocationError(
-                f"the dbt {target.describe()} builds in the Snowflake database "
-                f"{target.database!r}, but postload loads into {loads_into!r} (the database of "
-                "its Snowflake connector block): dbt would not find the raw tables postload "
-                f"loads. Expected database {loads_into!r}: make the target's database read "
-                f"\"{{{{ env_var('{PROFILE_DATABASE_ENV}') }}}}\" (postload sets it from the "
-                "block for every dbt run), or point the block at the target's database"
+                self.redact(
+                    f"the dbt {target.describe()} builds in the Snowflake database "
+                    f"{target.database!r}, but postload loads into {loads_into!r} (the database of "
+                    "its Snowflake connector block): dbt would not find the raw tables postload "
+                    f"loads. Expected database {loads_into!r}: make the target's database read "
+                    f"\"{{{{ env_var('{PROFILE_DATABASE_ENV}') }}}}\" (postload sets it from the "
+                    "block for every dbt run), or point the block at the target's database"
+                )
             )
         if importlib.util.find_spec("dbt.adapters.snowflake") is None:
             raise DbtInvocationError(

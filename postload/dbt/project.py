@@ -195,7 +195,19 @@ class DbtProject:
         ``warehouse_is_duckdb=None`` (not known) checks only a DuckDB target's file.
         """
         duckdb_path = duckdb_path or self.duckdb_path
-        target = self.profile_target(duckdb_path)
+        try:
+            target = self.profile_target(duckdb_path)
+        except DbtInvocationError as exc:
+            # A Snowflake target whose connection postload sets only for a Snowflake warehouse
+            if warehouse_is_duckdb and "'POSTLOAD_SNOWFLAKE_" in str(exc):
+                raise DbtInvocationError(
+                    f"postload's warehouse is DuckDB ({duckdb_path}) but the dbt profile picks "
+                    f"a snowflake target, whose connection postload sets only for "
+                    f"POSTLOAD_WAREHOUSE=snowflake ({exc}). Expected the duckdb target: unset "
+                    f"DBT_TARGET (postload sets {DBT_TARGET_ENV}=duckdb), or set "
+                    "POSTLOAD_WAREHOUSE=snowflake"
+                ) from None
+            raise
         if warehouse_is_duckdb is False:
             self._check_snowflake_target(target)
         if target.type != "duckdb" and warehouse_is_duckdb:

@@ -443,3 +443,59 @@ def test_a_profile_error_never_shows_the_blocks_password(tmp_path: Path) -> None
     # the port's value, refused by dbt: never quoted
     assert SNOWFLAKE_PASSWORD not in str(failed.value)
     assert "is not valid under any of the given schemas" in str(failed.value)
+
+
+def test_opening_the_core_runner_refuses_a_profile_for_the_other_warehouse(
+    postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What every flow does first: a mismatch fails there, before anything is loaded."""
+    from prefect_snowflake import SnowflakeConnector
+
+    from postload.config import Settings
+    from postload.dbt import open_dbt_runner
+
+    blocks = {"sf"}
+    loaded: list[str] = []
+
+    def load(cls: type, name: str, **kwargs: object) -> SnowflakeConnector:
+        from prefect_snowflake import SnowflakeCredentials
+
+        loaded.append(name)
+        if name not in blocks:
+            raise ValueError(f"Unable to find block document named {name}")
+        return SnowflakeConnector(
+            credentials=SnowflakeCredentials(account="acct", user="u", password=SNOWFLAKE_PASSWORD),
+            database="DB",
+            warehouse="WH",
+            schema="ANALYTICS",
+        )
+
+    monkeypatch.setattr(SnowflakeConnector, "load", classmethod(load))
+    before = dict(os.environ)
+
+    monkeypatch.setenv("DBT_TARGET", "snowflake")  # the user's choice, on a DuckDB warehouse
+    with pytest.raises(
+        DbtInvocationError, match=r"warehouse is DuckDB .* picks a snowflake target"
+    ):
+        open_dbt_runner(Settings())
+
+    monkeypatch.setenv("POSTLOAD_WAREHOUSE", "snowflake")
+    monkeypatch.setenv("POSTLOAD_SNOWFLAKE_BLOCK", "sf")
+    monkeypatch.setenv("DBT_TARGET", "duckdb")
+    with pytest.raises(DbtInvocationError) as duckdb_target:
+        open_dbt_runner(Settings())
+    assert "warehouse is Snowflake" in str(duckdb_target.value)
+    assert "target 'duckdb'" in str(duckdb_target.value)
+
+    monkeypatch.delenv("DBT_TARGET")  # the target follows the warehouse
+    runner = open_dbt_runner(Settings())
+    assert runner.kind == "core" and loaded == ["sf", "sf"]  # once per runner
+
+    monkeypatch.setenv("POSTLOAD_SNOWFLAKE_BLOCK", "nope")
+    with pytest.raises(DbtInvocationError, match=r"block 'nope' \(POSTLOAD_SNOWFLAKE_BLOCK\)"):
+        open_dbt_runner(Settings())
+    # no profile variable stayed behind
+    assert {k: v for k, v in os.environ.items() if k not in before} == {
+        "POSTLOAD_WAREHOUSE": "snowflake",
+        "POSTLOAD_SNOWFLAKE_BLOCK": "nope",
+    }

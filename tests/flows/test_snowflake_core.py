@@ -178,3 +178,8 @@ def test_copy_and_fivetran_sources_build_with_dbt_snowflake_on_the_block(
     assert account == [{"source": "salesforce", "table_name": "account"}]
     # the same sync again: its watermark is covered, nothing is built
     assert transform_on_sync(connector_id="sf_conn", reason="fivetran sync")["builds"] == []
+
+    # dbt's artifacts and logs (manifest, run results, partial parse, dbt.log) hold no credential
+    written = [p for p in (snowflake_home.root / "dbt_project").rglob("*") if p.is_file()]
+    assert any(p.name == "run_results.json" for p in written)
+    assert [p for p in written if PASSWORD.encode() in p.read_bytes()] == []

@@ -389,3 +389,25 @@ def test_dbt_core_on_snowflake(home: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert not ready and no_adapter[0].status is Status.FAIL
     assert no_adapter[0].fix == "pip install 'postload[snowflake]'"
     assert SNOWFLAKE_PASSWORD not in " ".join(line for r in no_adapter for line in r.lines())
+
+
+def test_doctor_on_snowflake_without_a_prefect_api_says_what_it_cannot_check(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dbt's connection comes from a block on the Prefect API: without one, the dbt checks are
+    skipped with that reason (not failed on a variable postload would have set)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from postload.doctor import run_checks
+
+    monkeypatch.setenv("POSTLOAD_WAREHOUSE", "snowflake")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        results = list(run_checks(Settings()))
+    by_check = _by_check(results)
+    assert by_check["dbt-snowflake"].status is Status.OK
+    assert by_check["dbt's Snowflake connection"].status is Status.SKIP
+    assert "'postload-snowflake': no Prefect API" in by_check["dbt's Snowflake connection"].message
+    for check in ("dbt project", "sources", "dbt profile", "dbt connection", "warehouse"):
+        assert by_check[check].status is Status.SKIP, by_check[check]
+    assert by_check["Prefect API"].status is Status.WARN
+    assert not [r for r in results if r.failed]

@@ -420,7 +420,30 @@ def check_dbt_profile(
         except DbtInvocationError as exc:
             return _fail(name, str(exc)), target
         message += f", building in the Snowflake database {target.database}"
+        if shared := _schema_shared_with_postload(settings, target):
+            return _warn(
+                name,
+                f"{message}, schema {target.schema}: the schema postload {shared}, so a model "
+                "named like one of its tables would replace it",
+                "give dbt a schema of its own: SNOWFLAKE_SCHEMA=ANALYTICS, then `postload "
+                "blocks register` (postload names its raw and ops schemas in every statement: "
+                "the block's schema is dbt's alone)",
+            ), target
     return _ok(name, message, details=note), target
+
+
+def _schema_shared_with_postload(settings: Settings, target: ProfileTarget) -> str | None:
+    """What postload keeps in the target's schema, if it is the raw or the ops schema."""
+    try:
+        pipeline = settings.load_pipeline()
+    except ConfigError:  # reported by the config check
+        return None
+    schema = (target.schema or "").strip('"').lower()
+    if schema == pipeline.raw_schema.lower():
+        return f"loads raw tables into (raw_schema: {pipeline.raw_schema})"
+    if schema == pipeline.ops_schema.lower():
+        return f"records its loads and builds in (ops_schema: {pipeline.ops_schema})"
+    return None
 
 
 def check_warehouse_matches_profile(settings: Settings, target: ProfileTarget) -> CheckResult:

@@ -311,14 +311,14 @@ def test_api_deployments_blocks_and_automations(
 # -- dbt Core on Snowflake ----------------------------------------------------------------------
 
 
-def _snowflake_block(database: str = "DB") -> Any:
+def _snowflake_block(database: str = "DB", schema: str = "ANALYTICS") -> Any:
     from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
 
     return SnowflakeConnector(
         credentials=SnowflakeCredentials(account="acct", user="u", password=SNOWFLAKE_PASSWORD),
         database=database,
         warehouse="WH",
-        schema="ANALYTICS",
+        schema=schema,
     )
 
 
@@ -364,6 +364,13 @@ def test_dbt_core_on_snowflake(home: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "building in the Snowflake database DB" in profile.message
     assert target is not None
     assert check_warehouse_matches_profile(settings, target).status is Status.OK
+
+    # the block's default schema (RAW) is where postload loads: dbt's models would land there
+    blocks["sf-doctor"] = _snowflake_block(schema="RAW")
+    raw, _ = check_dbt_profile(settings, DbtProject.from_settings(settings))
+    assert raw.status is Status.WARN, raw
+    assert "schema RAW: the schema postload loads raw tables into" in raw.message
+    assert "SNOWFLAKE_SCHEMA=ANALYTICS" in (raw.fix or "")
 
     # a user's own snowflake target on another database: both named
     profiles = home / "dbt_project" / "profiles.yml"

@@ -46,8 +46,9 @@ class ProfileTarget:
     type: str
     # DuckDB: the database as the profile gives it (rendered; may be relative, ':memory:', 'md:…')
     path: str | None
-    # Snowflake (and other adapters with one): the database dbt builds in, rendered
+    # Snowflake (and other adapters with them): the database and schema dbt builds in, rendered
     database: str | None = None
+    schema: str | None = None
 
     def describe(self) -> str:
         return f"target {self.target!r} of profile {self.profile!r} in {self.profiles_yml}"
@@ -548,7 +549,7 @@ def _render_profile_target(project_dir: Path, profiles_dir: Path, read_from: Pat
     if not isinstance(raw_profile, dict) or not raw_profile:
         raise DbtInvocationError(f"the profile {name!r} in {profiles_yml} is empty")
     target, data = Profile.render_profile(raw_profile, name, params.get("target"), renderer)
-    path, database = data.get("path"), data.get("database")
+    path, database, schema = data.get("path"), data.get("database"), data.get("schema")
     return ProfileTarget(
         profiles_yml=profiles_yml,
         profile=name,
@@ -556,6 +557,7 @@ def _render_profile_target(project_dir: Path, profiles_dir: Path, read_from: Pat
         type=str(data.get("type")),
         path=None if path is None else str(path),
         database=None if database is None else str(database),
+        schema=None if schema is None else str(schema),
     )
 
 

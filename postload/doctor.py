@@ -6,7 +6,9 @@ Each check is a plain function returning ``CheckResult`` objects (✓ ok, ! warn
 a. the pipeline config loads;
 b. it matches the dbt project: every source's dbt source exists (with its tables'
    ``loaded_at_field``), every source's selection selects something;
-c. the dbt profile and target are readable, open postload's warehouse, and dbt can connect;
+c. the dbt profile and target are readable, open postload's warehouse, and dbt can connect; on
+   Snowflake with dbt Core, first: dbt-snowflake is installed and the Snowflake connector block
+   dbt's connection comes from loads, then the target builds in that block's database;
 d. ``POSTLOAD_WAREHOUSE`` matches the profile target's adapter type;
 e. the Prefect API answers (no ``PREFECT_API_URL``: a warning, the rest is skipped);
 f. the blocks these settings need exist (Snowflake, dbt Cloud, the Fivetran webhook secret);
@@ -19,9 +21,11 @@ removes any known secret value from the text as a last line of defence.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -50,6 +54,7 @@ __all__ = [
     "check_blocks",
     "check_config",
     "check_dbt_connection",
+    "check_dbt_on_snowflake",
     "check_dbt_profile",
     "check_dbt_project",
     "check_deployments",
@@ -308,6 +313,70 @@ def check_sources(
 # --- c/d. the dbt profile, the warehouse and the connection ------------------------------------
 
 
+def _dbt_on_snowflake(settings: Settings) -> bool:
+    return (
+        settings.warehouse is WarehouseKind.SNOWFLAKE and settings.dbt_runner is DbtRunnerKind.CORE
+    )
+
+
+def check_dbt_on_snowflake(
+    settings: Settings, project: DbtProject, api_available: bool
+) -> tuple[list[CheckResult], bool]:
+    """(c) ``POSTLOAD_WAREHOUSE=snowflake`` with dbt Core: dbt-snowflake is installed, and the
+    Snowflake connector block the profile's connection comes from loads (it needs the Prefect
+    API). Whether dbt can read the project and profile at all (the checks after need it)."""
+    from postload.dbt import DbtInvocationError
+
+    results = []
+    adapter = importlib.util.find_spec("dbt.adapters.snowflake") is not None
+    if adapter:
+        version = importlib.metadata.version("dbt-snowflake")
+        results.append(_ok("dbt-snowflake", f"dbt-snowflake {version} is installed"))
+    else:
+        results.append(
+            _fail(
+                "dbt-snowflake",
+                "POSTLOAD_WAREHOUSE=snowflake with dbt Core (POSTLOAD_DBT_RUNNER=core) needs the "
+                "dbt-snowflake adapter, which is not installed",
+                "pip install 'postload[snowflake]'",
+            )
+        )
+    name = "dbt's Snowflake connection"
+    block = settings.snowflake_block
+    if not api_available:
+        results.append(
+            _skip(name, f"it comes from the Snowflake connector block {block!r}: no Prefect API")
+        )
+        return results, False
+    try:
+        variables = project.profile_vars()
+    except DbtInvocationError as exc:
+        results.append(
+            _fail(
+                name,
+                str(exc),
+                "set SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER, SNOWFLAKE_PASSWORD (or "
+                "SNOWFLAKE_PRIVATE_KEY_PATH), SNOWFLAKE_ROLE, SNOWFLAKE_WAREHOUSE and "
+                "SNOWFLAKE_DATABASE, then run `postload blocks register`",
+            )
+        )
+        return results, False
+    from postload.warehouse._snowflake import (
+        PROFILE_ACCOUNT_ENV,
+        PROFILE_DATABASE_ENV,
+        PROFILE_SCHEMA_ENV,
+    )
+
+    results.append(
+        _ok(
+            name,
+            f"from the block {block!r}: account {variables.get(PROFILE_ACCOUNT_ENV)}, database "
+            f"{variables.get(PROFILE_DATABASE_ENV)}, schema {variables.get(PROFILE_SCHEMA_ENV)}",
+        )
+    )
+    return results, adapter
+
+
 def check_dbt_profile(
     settings: Settings, project: DbtProject
 ) -> tuple[CheckResult, ProfileTarget | None]:
@@ -334,6 +403,8 @@ def check_dbt_profile(
     message = f"{target.describe()}: type {target.type}"
     note: tuple[str, ...] = ()
     both_duckdb = target.type == "duckdb" and settings.warehouse is WarehouseKind.DUCKDB
+    # A type mismatch is the warehouse check's to report (d); this one checks the database.
+    both_snowflake = target.type == "snowflake" and _dbt_on_snowflake(settings)
     check_profile = getattr(project, "check_profile", None)
     if both_duckdb and check_profile is None:
         note = ("the DuckDB path was not checked: this postload has no DbtProject.check_profile",)
@@ -343,7 +414,36 @@ def check_dbt_profile(
         except DbtInvocationError as exc:
             return _fail(name, str(exc), "see docs/dbt-project.md (the DuckDB path rule)"), target
         message += f", opening postload's warehouse {settings.duckdb_file}"
+    elif both_snowflake and check_profile is not None:
+        try:
+            check_profile(False)
+        except DbtInvocationError as exc:
+            return _fail(name, str(exc)), target
+        message += f", building in the Snowflake database {target.database}"
+        if shared := _schema_shared_with_postload(settings, target):
+            return _warn(
+                name,
+                f"{message}, schema {target.schema}: the schema postload {shared}, so a model "
+                "named like one of its tables would replace it",
+                "give dbt a schema of its own: SNOWFLAKE_SCHEMA=ANALYTICS, then `postload "
+                "blocks register` (postload names its raw and ops schemas in every statement: "
+                "the block's schema is dbt's alone)",
+            ), target
     return _ok(name, message, details=note), target
+
+
+def _schema_shared_with_postload(settings: Settings, target: ProfileTarget) -> str | None:
+    """What postload keeps in the target's schema, if it is the raw or the ops schema."""
+    try:
+        pipeline = settings.load_pipeline()
+    except ConfigError:  # reported by the config check
+        return None
+    schema = (target.schema or "").strip('"').lower()
+    if schema == pipeline.raw_schema.lower():
+        return f"loads raw tables into (raw_schema: {pipeline.raw_schema})"
+    if schema == pipeline.ops_schema.lower():
+        return f"records its loads and builds in (ops_schema: {pipeline.ops_schema})"
+    return None
 
 
 def check_warehouse_matches_profile(settings: Settings, target: ProfileTarget) -> CheckResult:
@@ -378,8 +478,6 @@ def check_dbt_connection(
 
     A DuckDB warehouse file that does not exist yet is not created here: the first load does.
     """
-    from postload.dbt._invocation import profile_env
-
     name = "dbt connection"
     duckdb_file = target.duckdb_file() if target.type == "duckdb" else None
     if duckdb_file is not None and str(duckdb_file) != ":memory:" and not duckdb_file.exists():
@@ -396,7 +494,7 @@ def check_dbt_connection(
 
     try:
         profiles_dir = project.profiles_dir()
-        with profile_env(settings.duckdb_file):
+        with project.profile_env(settings.duckdb_file):
             from dbt.cli.main import dbtRunner
 
             res = dbtRunner(callbacks=[collect]).invoke(
@@ -719,14 +817,37 @@ def run_checks(settings: Settings | None = None) -> Iterator[CheckResult]:
 
     settings = settings or Settings()
     secrets = known_secrets(settings)
+    project = DbtProject.from_settings(settings)
 
     def emit(results: Iterable[CheckResult]) -> Iterator[CheckResult]:
+        # and the Snowflake block's credentials, once loaded for dbt's connection
+        every = sorted({*secrets, *project.secrets()}, key=len, reverse=True)
         for result in results:
-            yield _scrub_result(result, secrets)
+            yield _scrub_result(result, every)
 
     config_result, pipeline = check_config(settings)
     yield from emit([config_result])
-    project = DbtProject.from_settings(settings)
+    if _dbt_on_snowflake(settings):
+        snowflake_results, dbt_can_run = check_dbt_on_snowflake(
+            settings, project, api_available=bool(prefect_api_url())
+        )
+        yield from emit(snowflake_results)
+        if not dbt_can_run:
+            why = "dbt needs dbt-snowflake and its Snowflake connection to read the project"
+            yield from emit(
+                [
+                    _skip(check, why)
+                    for check in (
+                        "dbt project",
+                        "sources",
+                        "dbt profile",
+                        "dbt connection",
+                        "warehouse",
+                    )
+                ]
+            )
+            yield from _api_checks(settings, pipeline, emit)
+            return
     project_result, manifest = check_dbt_project(project)
     yield from emit([project_result])
     if pipeline is None or manifest is None:
@@ -752,6 +873,15 @@ def run_checks(settings: Settings | None = None) -> Iterator[CheckResult]:
             else:
                 yield from emit([check_dbt_connection(settings, project, target)])
             yield from emit([check_warehouse_matches_profile(settings, target)])
+    yield from _api_checks(settings, pipeline, emit)
+
+
+def _api_checks(
+    settings: Settings,
+    pipeline: PipelineConfig | None,
+    emit: Callable[[Iterable[CheckResult]], Iterator[CheckResult]],
+) -> Iterator[CheckResult]:
+    """(e-h) The Prefect API, the blocks, the deployments and the automations."""
     if not prefect_api_url():
         yield from emit([check_prefect_api(None)])
         yield from emit(check_blocks(settings, pipeline, None))

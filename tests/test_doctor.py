@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -305,3 +306,115 @@ def test_api_deployments_blocks_and_automations(
             for automation in client.read_automations_by_name(name):
                 Automation.read(id=automation.id).delete()
         client.delete_block_document(block_id)
+
+
+# -- dbt Core on Snowflake ----------------------------------------------------------------------
+
+
+def _snowflake_block(database: str = "DB", schema: str = "ANALYTICS") -> Any:
+    from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
+
+    return SnowflakeConnector(
+        credentials=SnowflakeCredentials(account="acct", user="u", password=SNOWFLAKE_PASSWORD),
+        database=database,
+        warehouse="WH",
+        schema=schema,
+    )
+
+
+def test_dbt_core_on_snowflake(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dbt-snowflake, the block dbt's connection comes from, then the target's database."""
+    from prefect_snowflake import SnowflakeConnector
+
+    from postload.doctor import check_dbt_on_snowflake
+
+    blocks: dict[str, Any] = {}
+
+    def load(cls: type, name: str, **kwargs: Any) -> Any:
+        if name not in blocks:
+            raise ValueError(f"Unable to find block document named {name}")
+        return blocks[name]
+
+    monkeypatch.setattr(SnowflakeConnector, "load", classmethod(load))
+    monkeypatch.setenv("POSTLOAD_WAREHOUSE", "snowflake")
+    monkeypatch.setenv("POSTLOAD_SNOWFLAKE_BLOCK", "sf-doctor")
+    settings = Settings()
+
+    # no Prefect API: the block cannot be read, so neither can the project
+    results, ready = check_dbt_on_snowflake(settings, DbtProject.from_settings(settings), False)
+    assert not ready
+    assert [(r.check, r.status) for r in results] == [
+        ("dbt-snowflake", Status.OK),
+        ("dbt's Snowflake connection", Status.SKIP),
+    ]
+
+    missing, ready = check_dbt_on_snowflake(settings, DbtProject.from_settings(settings), True)
+    assert not ready and missing[1].status is Status.FAIL
+    assert "'sf-doctor'" in missing[1].message and "postload blocks register" in (
+        missing[1].fix or ""
+    )
+
+    blocks["sf-doctor"] = _snowflake_block()
+    project = DbtProject.from_settings(settings)
+    found, ready = check_dbt_on_snowflake(settings, project, True)
+    assert ready and found[1].status is Status.OK
+    assert "account acct, database DB, schema ANALYTICS" in found[1].message
+    profile, target = check_dbt_profile(settings, project)
+    assert profile.status is Status.OK, profile
+    assert "building in the Snowflake database DB" in profile.message
+    assert target is not None
+    assert check_warehouse_matches_profile(settings, target).status is Status.OK
+
+    # the block's default schema (RAW) is where postload loads: dbt's models would land there
+    blocks["sf-doctor"] = _snowflake_block(schema="RAW")
+    raw, _ = check_dbt_profile(settings, DbtProject.from_settings(settings))
+    assert raw.status is Status.WARN, raw
+    assert "schema RAW: the schema postload loads raw tables into" in raw.message
+    assert "SNOWFLAKE_SCHEMA=ANALYTICS" in (raw.fix or "")
+
+    # a user's own snowflake target on another database: both named
+    profiles = home / "dbt_project" / "profiles.yml"
+    profiles.write_text(
+        profiles.read_text().replace(
+            "\"{{ env_var('POSTLOAD_SNOWFLAKE_DATABASE') }}\"", "ANALYTICS_DEV"
+        )
+    )
+    elsewhere, _ = check_dbt_profile(settings, DbtProject.from_settings(settings))
+    assert elsewhere.status is Status.FAIL
+    assert "'ANALYTICS_DEV'" in elsewhere.message and "'DB'" in elsewhere.message
+
+    # no adapter: said, and the dbt checks that need it are not tried
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "dbt.adapters.snowflake" else real_find_spec(name, *a),
+    )
+    no_adapter, ready = check_dbt_on_snowflake(settings, DbtProject.from_settings(settings), True)
+    assert not ready and no_adapter[0].status is Status.FAIL
+    assert no_adapter[0].fix == "pip install 'postload[snowflake]'"
+    assert SNOWFLAKE_PASSWORD not in " ".join(line for r in no_adapter for line in r.lines())
+
+
+def test_doctor_on_snowflake_without_a_prefect_api_says_what_it_cannot_check(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dbt's connection comes from a block on the Prefect API: without one, the dbt checks are
+    skipped with that reason (not failed on a variable postload would have set)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from postload.doctor import run_checks
+
+    monkeypatch.setenv("POSTLOAD_WAREHOUSE", "snowflake")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        results = list(run_checks(Settings()))
+    by_check = _by_check(results)
+    assert by_check["dbt-snowflake"].status is Status.OK
+    assert by_check["dbt's Snowflake connection"].status is Status.SKIP
+    assert "'postload-snowflake': no Prefect API" in by_check["dbt's Snowflake connection"].message
+    for check in ("dbt project", "sources", "dbt profile", "dbt connection", "warehouse"):
+        assert by_check[check].status is Status.SKIP, by_check[check]
+    assert by_check["Prefect API"].status is Status.WARN
+    assert not [r for r in results if r.failed]

@@ -48,8 +48,9 @@ def open_dbt_runner(
 
         return CloudDbtRunner.from_settings(settings)
     from postload.dbt._core import CoreDbtRunner
+    from postload.dbt.project import warehouse_profile_vars
 
-    return CoreDbtRunner(
+    runner = CoreDbtRunner(
         project_dir=settings.dbt_project_path,
         duckdb_path=settings.duckdb_file,
         existing_relations=existing_relations,
@@ -57,4 +58,9 @@ def open_dbt_runner(
         node_retry_delay_seconds=settings.retry_backoff_seconds,
         node_task_mode=settings.dbt_node_tasks,
         warehouse_is_duckdb=settings.warehouse is WarehouseKind.DUCKDB,
+        profile_vars=warehouse_profile_vars(settings),
     )
+    # Every flow opens its runner first: a profile that would build elsewhere than the warehouse
+    # (or a Snowflake block that cannot be loaded) fails the run before it loads anything.
+    runner.check_profile()
+    return runner

@@ -7,7 +7,7 @@ benchmarks, ``postload plan``) the same runner just runs dbt.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,11 +22,11 @@ from prefect.settings import get_current_settings
 from prefect_dbt import PrefectDbtRunner
 
 from postload.config import NodeTaskMode, Selection
-from postload.dbt._invocation import dbt_shares_duckdb_instance, profile_env, running_dbt_command
-from postload.dbt._prefect_dbt import (
+from postload.dbt._invocation import dbt_shares_duckdb_instance, running_dbt_command
+from postload.dbt._prefect_dbt_public import (
     NODE_TASK_THREAD_PREFIX,
     DbtSettings,
-    NodeTaskDbtRunner,
+    internals_supported,
     unused_client,
 )
 from postload.dbt.project import DbtInvocationError, DbtProject
@@ -57,8 +57,11 @@ class CoreDbtRunner:
         node_retry_delay_seconds: float = 0.0,
         node_task_mode: NodeTaskMode | None = None,
         warehouse_is_duckdb: bool | None = None,
+        profile_vars: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
-        self.project = DbtProject(project_dir, duckdb_path, target_path=target_path)
+        self.project = DbtProject(
+            project_dir, duckdb_path, target_path=target_path, profile_vars=profile_vars
+        )
         # None: not told (tests, benchmarks): the profile is checked against the DuckDB file only.
         self.warehouse_is_duckdb = warehouse_is_duckdb
         self._profile_checked = False
@@ -67,6 +70,9 @@ class CoreDbtRunner:
         self.node_retries = node_retries
         self.node_retry_delay_seconds = node_retry_delay_seconds
         self.node_task_mode = node_task_mode or NodeTaskMode.default()
+        # Another prefect-dbt than the tested one: its own runner, none of postload's changes
+        # to it (they rely on its internals). Decided once per runner; warned once per process.
+        self.plain_prefect_dbt = not internals_supported()
 
     def _runner(self) -> PrefectDbtRunner:
         settings = DbtSettings(
@@ -75,11 +81,12 @@ class CoreDbtRunner:
             target_path=self.project.target_path,
             log_level=DBT_EVENTS_TO_PREFECT_LOGS,
         )
-        runner = NodeTaskDbtRunner(
-            settings=settings,
-            raise_on_failure=False,
-            client=unused_client(get_current_settings().api.url),
-        )
+        client = unused_client(get_current_settings().api.url)
+        if self.plain_prefect_dbt:
+            return PrefectDbtRunner(settings=settings, raise_on_failure=False, client=client)
+        from postload.dbt._prefect_dbt import NodeTaskDbtRunner
+
+        runner = NodeTaskDbtRunner(settings=settings, raise_on_failure=False, client=client)
         runner.node_task_mode = self.node_task_mode
         runner.on_run_begins = self._let_go_of_duckdb_unless_dbt_shares_it
         return runner
@@ -98,7 +105,11 @@ class CoreDbtRunner:
         prefect-dbt's event callback, which exists inside a flow or task run only: elsewhere
         nothing is held.
         """
-        if not (self.warehouse_is_duckdb and (FlowRunContext.get() or TaskRunContext.get())):
+        if not (
+            self.warehouse_is_duckdb
+            and not self.plain_prefect_dbt  # nothing would close it before dbt connects
+            and (FlowRunContext.get() or TaskRunContext.get())
+        ):
             yield
             return
         try:
@@ -136,10 +147,11 @@ class CoreDbtRunner:
         """
         self.project.ensure_packages()
         try:
-            with profile_env(self.project.duckdb_path):
+            with self.project.profile_env():
                 return self._runner().invoke(args, log_level_file=DBT_LOG_FILE_LEVEL)
         except ValueError as exc:  # prefect-dbt wraps dbt's own exception this way
-            raise DbtInvocationError(str(exc)) from exc
+            # dbt's message may quote a rendered profile value: only the redacted text goes on
+            raise DbtInvocationError(self.project.redact(str(exc))) from None
 
     def build(
         self, selection: Selection, *, cause: str, job_id: int | None = None

@@ -1,10 +1,11 @@
-"""The environment of one dbt invocation: the profile's warehouse path, dbt-duckdb's process-wide
-DuckDB handle, and what the running dbt command keeps in its click context."""
+"""The environment of one dbt invocation: the variables the profile reads (the DuckDB warehouse
+path, the target, the Snowflake connection), dbt-duckdb's process-wide DuckDB handle, and what the
+running dbt command keeps in its click context."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,25 +15,31 @@ import click
 # The checked-in profiles.yml reads the warehouse path from this variable — the same one Settings
 # reads — so users can run plain `dbt` against the same file by exporting it.
 DUCKDB_PATH_ENV = "POSTLOAD_DUCKDB_PATH"
+# The checked-in profile's target: postload sets it to its warehouse's (duckdb or snowflake).
+DBT_TARGET_ENV = "POSTLOAD_DBT_TARGET"
 
 
 @contextmanager
-def profile_env(duckdb_path: Path) -> Iterator[None]:
-    """Expose the warehouse path to profiles.yml for one dbt invocation only, then let go of it.
+def profile_env(duckdb_path: Path, variables: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Expose the warehouse path (and ``variables``: the target, the Snowflake connection) to
+    profiles.yml for one dbt invocation only, then let go of them.
 
-    Restored afterwards so it never leaks into later runs or child processes of a long-lived
-    worker (where it would override another run's settings).
+    Restored afterwards so they never leak into later runs or child processes of a long-lived
+    worker (where they would override another run's settings), and a credential is in the
+    environment only while dbt runs.
     """
-    previous = os.environ.get(DUCKDB_PATH_ENV)
-    os.environ[DUCKDB_PATH_ENV] = str(duckdb_path)
+    values = {DUCKDB_PATH_ENV: str(duckdb_path), **(variables or {})}
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
         release_duckdb_file()
-        if previous is None:
-            os.environ.pop(DUCKDB_PATH_ENV, None)
-        else:
-            os.environ[DUCKDB_PATH_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def release_duckdb_file() -> None:

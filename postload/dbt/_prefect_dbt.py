@@ -2,7 +2,8 @@
 done when ``invoke()`` returns, in threads of the dbt process or a forked child.
 
 Written against prefect-dbt 0.7.25's internals (``prefect_dbt/core/runner.py`` and
-``_tracker.py``); each class says which upstream behaviour it changes and why.
+``_tracker.py``); each class says which upstream behaviour it changes and why. Used only when that
+version is installed (``_prefect_dbt_public.internals_supported``).
 """
 
 from __future__ import annotations
@@ -12,37 +13,31 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, cast
 from uuid import UUID
 
 from dbt.contracts.graph.manifest import Manifest
 from dbt_common.events.base_types import EventLevel, EventMsg
-from prefect import get_client
-from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import State
 from prefect.context import SettingsContext
 from prefect.futures import PrefectFuture, PrefectTaskRunFuture
 from prefect.results import ResultRecord
 from prefect.task_engine import run_task_sync
 from prefect.tasks import Task
-from prefect.utilities.templating import (
-    PLACEHOLDER_CAPTURE_REGEX,
-    PlaceholderType,
-    determine_placeholder_type,
-)
-from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
+from prefect_dbt import PrefectDbtRunner
 from prefect_dbt.core._tracker import NodeTaskTracker
 
 from postload.config import NodeTaskMode
 from postload.dbt._invocation import running_dbt_command
 from postload.dbt._node_process import RUN_BEGINS, NodeTaskProcess
+from postload.dbt._prefect_dbt_public import NODE_TASK_THREAD_PREFIX, DbtSettings, unused_client
+
+__all__ = ["NODE_TASK_THREAD_PREFIX", "DbtSettings", "NodeTaskDbtRunner", "unused_client"]
 
 # How long invoke() waits for the per-node task runs to record their final state once dbt is done.
 # They only have their end state left to report by then; the bound is for a Prefect API that hangs.
 NODE_TASKS_TIMEOUT_S = 120.0
-NODE_TASK_THREAD_PREFIX = "prefect-dbt-node"
 
 logger = logging.getLogger(__name__)
 
@@ -189,35 +184,6 @@ class LiveSettingsContext(SettingsContext):
 
     def serialize(self, include_secrets: bool = True) -> dict[str, Any]:
         return {"profile": self.profile, "settings": self.settings}
-
-
-class DbtSettings(PrefectDbtSettings):
-    @contextmanager
-    def resolve_profiles_yml(self) -> Iterator[str]:
-        """profiles.yml as is when it has no Prefect block or variable to resolve.
-
-        prefect-dbt resolves ``{{ prefect.blocks... }}`` / ``{{ prefect.variables... }}``
-        placeholders and ``$ref`` block references into a temporary copy on every invocation,
-        through two API clients of its own (~70 ms), also when there is nothing to resolve; any
-        other text (dbt's own ``env_var``) it leaves alone.
-        """
-        text = (self.profiles_dir / "profiles.yml").read_text(encoding="utf-8")
-        prefect_types = (PlaceholderType.BLOCK_DOCUMENT, PlaceholderType.VARIABLE)
-        if "$ref" in text or any(
-            determine_placeholder_type(name) in prefect_types
-            for _, name in PLACEHOLDER_CAPTURE_REGEX.findall(text)
-        ):
-            with super().resolve_profiles_yml() as resolved:
-                yield resolved
-        else:
-            yield str(self.profiles_dir)
-
-
-@functools.cache
-def unused_client(api_url: str | None) -> PrefectClient:
-    """prefect-dbt 0.7.25 builds a PrefectClient per runner and never uses it; building one loads
-    the CA bundle (~35 ms), so runners get this one, built once per API URL and never opened."""
-    return get_client()
 
 
 class NodeEvents:

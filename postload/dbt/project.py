@@ -5,11 +5,13 @@ finds it: where ``profiles.yml`` is, the packages ``dbt deps`` installs, the pro
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,8 @@ from typing import Any
 import orjson
 import yaml
 
-from postload.config import DbtRunnerKind, Selection, Settings
-from postload.dbt._invocation import DUCKDB_PATH_ENV, profile_env
+from postload.config import DbtRunnerKind, Selection, Settings, WarehouseKind
+from postload.dbt._invocation import DBT_TARGET_ENV, DUCKDB_PATH_ENV, profile_env
 
 __all__ = ["DbtInvocationError", "DbtProject", "ProfileTarget"]
 
@@ -44,6 +46,9 @@ class ProfileTarget:
     type: str
     # DuckDB: the database as the profile gives it (rendered; may be relative, ':memory:', 'md:…')
     path: str | None
+    # Snowflake (and other adapters with them): the database and schema dbt builds in, rendered
+    database: str | None = None
+    schema: str | None = None
 
     def describe(self) -> str:
         return f"target {self.target!r} of profile {self.profile!r} in {self.profiles_yml}"
@@ -56,17 +61,32 @@ class ProfileTarget:
         return Path(self.path or ":memory:").expanduser().resolve()
 
 
+ProfileVariables = Callable[[], Mapping[str, str]]
+
+
 class DbtProject:
     """The dbt project at ``project_dir``, its profile reading the warehouse path ``duckdb_path``.
 
-    Metadata commands (``parse``, ``ls``) run with plain dbt: no Prefect API is needed.
+    ``profile_vars``: the other variables its profile reads (the target, the Snowflake
+    connection), asked for once, at the first dbt invocation or profile check, and set only
+    while dbt runs (``profile_env``). Metadata commands (``parse``, ``ls``) run with plain dbt:
+    no Prefect API is needed, except to load the Snowflake block the variables come from.
     """
 
-    def __init__(self, project_dir: Path, duckdb_path: Path, *, target_path: Path | None = None):
+    def __init__(
+        self,
+        project_dir: Path,
+        duckdb_path: Path,
+        *,
+        target_path: Path | None = None,
+        profile_vars: ProfileVariables | None = None,
+    ):
         self.project_dir = project_dir
         self.duckdb_path = duckdb_path
         self.target_path = target_path or project_dir / "target"
         self._packages_ready = False
+        self._profile_vars_source = profile_vars
+        self._profile_vars: Mapping[str, str] | None = None
 
     # dbt Cloud mode: writes postload's parse-only profiles.yml (once) and returns its folder,
     # read instead of the user's
@@ -74,8 +94,8 @@ class DbtProject:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DbtProject:
-        project = cls(settings.dbt_project_path, settings.duckdb_file)
         if settings.dbt_runner is DbtRunnerKind.CLOUD:
+            project = cls(settings.dbt_project_path, settings.duckdb_file)
             # dbt Cloud builds with its own connection; parse and ls never connect, so they need
             # no local warehouse profile or credentials (postload/dbt/_parse_profile.py)
             from postload.dbt._parse_profile import parse_profile_writer
@@ -83,7 +103,38 @@ class DbtProject:
             project.parse_profile = parse_profile_writer(
                 project.project_dir, project.target_path, settings
             )
-        return project
+            return project
+        return cls(
+            settings.dbt_project_path,
+            settings.duckdb_file,
+            profile_vars=warehouse_profile_vars(settings),
+        )
+
+    # -- the variables profiles.yml reads ---------------------------------------------------
+
+    def profile_vars(self) -> Mapping[str, str]:
+        """The variables set for each dbt invocation besides the DuckDB path (asked for once)."""
+        if self._profile_vars is None:
+            source = self._profile_vars_source
+            self._profile_vars = dict(source()) if source is not None else {}
+        return self._profile_vars
+
+    def secrets(self) -> list[str]:
+        """The credential values among the profile variables (never part of a message)."""
+        from postload.warehouse._snowflake import profile_secrets
+
+        return profile_secrets(self._profile_vars or {})
+
+    def redact(self, text: str) -> str:
+        for secret in sorted(self.secrets(), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    @contextmanager
+    def profile_env(self, duckdb_path: Path | None = None) -> Iterator[None]:
+        """Every variable the profile reads, set for one dbt invocation (``profile_env``)."""
+        with profile_env(duckdb_path or self.duckdb_path, self.profile_vars()):
+            yield
 
     # -- profiles.yml -----------------------------------------------------------------------
 
@@ -131,11 +182,11 @@ class DbtProject:
         profiles_dir = self.profiles_dir()
         duckdb_path = duckdb_path or self.duckdb_path
         profiles_yml = profiles_dir / "profiles.yml"
-        from postload.dbt._prefect_dbt import DbtSettings  # imports Prefect and dbt: ~1-2 s
+        from postload.dbt._prefect_dbt_public import DbtSettings  # imports Prefect, dbt: ~1-2 s
 
         settings = DbtSettings(project_dir=self.project_dir, profiles_dir=profiles_dir)
         try:
-            with profile_env(duckdb_path), settings.resolve_profiles_yml() as resolved_dir:
+            with self.profile_env(duckdb_path), settings.resolve_profiles_yml() as resolved_dir:
                 # dbt keeps the environment env_var() reads in a context variable it sets per
                 # invocation: set here in a copy of the context, so nothing of it stays behind.
                 return contextvars.copy_context().run(
@@ -146,8 +197,8 @@ class DbtProject:
         except Exception as exc:  # dbt's DbtProfileError, DbtProjectError, a missing env var, …
             raise DbtInvocationError(
                 f"the dbt profile in {profiles_yml} could not be read for the dbt project "
-                f"{self.project_dir}: {exc}"
-            ) from exc
+                f"{self.project_dir}: {self.redact(str(exc))}"
+            ) from None  # dbt's exception may quote a rendered value: only the redacted text
 
     def check_profile(
         self, warehouse_is_duckdb: bool | None, duckdb_path: Path | None = None
@@ -156,19 +207,27 @@ class DbtProject:
 
         A DuckDB target must open postload's warehouse file (``duckdb_path``, default this
         project's), else dbt fails later reading the raw tables ("schema raw does not exist").
-        Its type must match the warehouse: DuckDB for a DuckDB warehouse, not DuckDB for
-        Snowflake. ``warehouse_is_duckdb=None`` (not known) checks only a DuckDB target's file.
+        Its type must match the warehouse: DuckDB for a DuckDB warehouse, Snowflake for
+        Snowflake, and a Snowflake target must build in the database of postload's Snowflake
+        block (when the profile variables name it) with dbt-snowflake installed.
+        ``warehouse_is_duckdb=None`` (not known) checks only a DuckDB target's file.
         """
         duckdb_path = duckdb_path or self.duckdb_path
-        target = self.profile_target(duckdb_path)
-        if target.type == "duckdb" and warehouse_is_duckdb is False:
-            raise DbtInvocationError(
-                f"postload's warehouse is Snowflake (POSTLOAD_WAREHOUSE=snowflake) but the dbt "
-                f"{target.describe()} is a duckdb target (path {target.path!r}): dbt would build "
-                "in a DuckDB database while postload loads and reads Snowflake. Expected a "
-                "snowflake target: set the profile's `target:` (or DBT_TARGET) to one, or set "
-                "POSTLOAD_WAREHOUSE=duckdb"
-            )
+        try:
+            target = self.profile_target(duckdb_path)
+        except DbtInvocationError as exc:
+            # A Snowflake target whose connection postload sets only for a Snowflake warehouse
+            if warehouse_is_duckdb and "'POSTLOAD_SNOWFLAKE_" in str(exc):
+                raise DbtInvocationError(
+                    f"postload's warehouse is DuckDB ({duckdb_path}) but the dbt profile picks "
+                    f"a snowflake target, whose connection postload sets only for "
+                    f"POSTLOAD_WAREHOUSE=snowflake ({exc}). Expected the duckdb target: unset "
+                    f"DBT_TARGET (postload sets {DBT_TARGET_ENV}=duckdb), or set "
+                    "POSTLOAD_WAREHOUSE=snowflake"
+                ) from None
+            raise
+        if warehouse_is_duckdb is False:
+            self._check_snowflake_target(target)
         if target.type != "duckdb" and warehouse_is_duckdb:
             raise DbtInvocationError(
                 f"postload's warehouse is DuckDB ({duckdb_path}) but the dbt {target.describe()} "
@@ -198,6 +257,41 @@ class DbtProject:
                 f"loads. To fix it, {fixes}"
             )
         return target
+
+    def _check_snowflake_target(self, target: ProfileTarget) -> None:
+        from postload.warehouse._snowflake import PROFILE_DATABASE_ENV
+
+        if target.type != "snowflake":
+            found = f" (path {target.path!r})" if target.type == "duckdb" else ""
+            raise DbtInvocationError(
+                f"postload's warehouse is Snowflake (POSTLOAD_WAREHOUSE=snowflake) but the dbt "
+                f"{target.describe()} is a {target.type} target{found}: dbt would build "
+                f"outside the Snowflake database postload loads and reads. Expected a "
+                f"snowflake target: set the profile's `target:` (or {DBT_TARGET_ENV} for "
+                "postload's own profile, or DBT_TARGET) to one, or set POSTLOAD_WAREHOUSE="
+                f"{target.type if target.type == 'duckdb' else 'duckdb'}"
+            )
+        loads_into = self.profile_vars().get(PROFILE_DATABASE_ENV)
+        if (
+            loads_into
+            and target.database
+            and target.database.strip('"').upper() != loads_into.strip('"').upper()
+        ):
+            raise DbtInvocationError(
+                self.redact(
+                    f"the dbt {target.describe()} builds in the Snowflake database "
+                    f"{target.database!r}, but postload loads into {loads_into!r} (the database of "
+                    "its Snowflake connector block): dbt would not find the raw tables postload "
+                    f"loads. Expected database {loads_into!r}: make the target's database read "
+                    f"\"{{{{ env_var('{PROFILE_DATABASE_ENV}') }}}}\" (postload sets it from the "
+                    "block for every dbt run), or point the block at the target's database"
+                )
+            )
+        if importlib.util.find_spec("dbt.adapters.snowflake") is None:
+            raise DbtInvocationError(
+                f"the dbt {target.describe()} is a snowflake target but dbt-snowflake is not "
+                "installed: install it with `pip install 'postload[snowflake]'`"
+            )
 
     # -- packages ---------------------------------------------------------------------------
 
@@ -311,7 +405,7 @@ class DbtProject:
         return self._invoke_plain(args, profiles_dir, "--target-path", str(self.target_path))
 
     def _invoke_plain(self, args: list[str], profiles_dir: Path, *options: str) -> Any:
-        with profile_env(self.duckdb_path):
+        with self.profile_env():
             from dbt.cli.main import dbtRunner  # dbt-core takes ~1 s to import
 
             res = dbtRunner().invoke(
@@ -327,7 +421,8 @@ class DbtProject:
                 ]
             )
         if not res.success:
-            raise DbtInvocationError(f"dbt {' '.join(args)} failed: {res.exception or res.result}")
+            why = self.redact(str(res.exception or res.result))
+            raise DbtInvocationError(f"dbt {' '.join(args)} failed: {why}")
         return res
 
     def missing_parents(
@@ -471,11 +566,46 @@ def _render_profile_target(project_dir: Path, profiles_dir: Path, read_from: Pat
     if not isinstance(raw_profile, dict) or not raw_profile:
         raise DbtInvocationError(f"the profile {name!r} in {profiles_yml} is empty")
     target, data = Profile.render_profile(raw_profile, name, params.get("target"), renderer)
-    path = data.get("path")
+    path, database, schema = data.get("path"), data.get("database"), data.get("schema")
     return ProfileTarget(
         profiles_yml=profiles_yml,
         profile=name,
         target=target,
         type=str(data.get("type")),
         path=None if path is None else str(path),
+        database=None if database is None else str(database),
+        schema=None if schema is None else str(schema),
     )
+
+
+def warehouse_profile_vars(settings: Settings) -> ProfileVariables:
+    """The profile variables for the settings' warehouse: its target, and for Snowflake the
+    connection from the Snowflake connector block (loaded when first asked for)."""
+    if settings.warehouse is not WarehouseKind.SNOWFLAKE:
+        return lambda: {DBT_TARGET_ENV: "duckdb"}
+    block = settings.snowflake_block
+
+    def from_block() -> Mapping[str, str]:
+        from postload.warehouse._snowflake import (
+            UnsupportedProfileCredentialsError,
+            dbt_profile_env,
+        )
+
+        try:
+            from prefect_snowflake import SnowflakeConnector
+
+            # _sync: a plain (not awaitable) load even when called from inside an async flow
+            connector = SnowflakeConnector.load(block, _sync=True)
+        except Exception as exc:
+            raise DbtInvocationError(
+                f"POSTLOAD_WAREHOUSE=snowflake and dbt reads its connection from the Snowflake "
+                f"connector block {block!r} (POSTLOAD_SNOWFLAKE_BLOCK), which could not be "
+                f"loaded: {type(exc).__name__}: {exc}. Expected a saved snowflake-connector "
+                "block of that name: set SNOWFLAKE_* and run `postload blocks register`"
+            ) from exc
+        try:
+            return {DBT_TARGET_ENV: "snowflake", **dbt_profile_env(connector)}
+        except UnsupportedProfileCredentialsError as exc:
+            raise DbtInvocationError(f"{exc} (block {block!r})") from None
+
+    return from_block

@@ -398,6 +398,94 @@ class SnowflakeWarehouse:
         return value
 
 
+# What the checked-in profiles.yml's snowflake target reads. Secrets carry dbt's DBT_ENV_SECRET_
+# prefix: dbt scrubs those values from its logs and events and refuses them outside profiles.yml.
+PROFILE_ACCOUNT_ENV = "POSTLOAD_SNOWFLAKE_ACCOUNT"
+PROFILE_USER_ENV = "POSTLOAD_SNOWFLAKE_USER"
+PROFILE_PASSWORD_ENV = "DBT_ENV_SECRET_POSTLOAD_SNOWFLAKE_PASSWORD"
+PROFILE_PRIVATE_KEY_ENV = "DBT_ENV_SECRET_POSTLOAD_SNOWFLAKE_PRIVATE_KEY"
+PROFILE_PRIVATE_KEY_PATH_ENV = "POSTLOAD_SNOWFLAKE_PRIVATE_KEY_PATH"
+PROFILE_PRIVATE_KEY_PASSPHRASE_ENV = "DBT_ENV_SECRET_POSTLOAD_SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"
+PROFILE_AUTHENTICATOR_ENV = "POSTLOAD_SNOWFLAKE_AUTHENTICATOR"
+PROFILE_TOKEN_ENV = "DBT_ENV_SECRET_POSTLOAD_SNOWFLAKE_TOKEN"
+PROFILE_ROLE_ENV = "POSTLOAD_SNOWFLAKE_ROLE"
+PROFILE_WAREHOUSE_ENV = "POSTLOAD_SNOWFLAKE_WAREHOUSE"
+PROFILE_DATABASE_ENV = "POSTLOAD_SNOWFLAKE_DATABASE"
+PROFILE_SCHEMA_ENV = "POSTLOAD_SNOWFLAKE_SCHEMA"
+PROFILE_ENV_NAMES = (
+    PROFILE_ACCOUNT_ENV,
+    PROFILE_USER_ENV,
+    PROFILE_PASSWORD_ENV,
+    PROFILE_PRIVATE_KEY_ENV,
+    PROFILE_PRIVATE_KEY_PATH_ENV,
+    PROFILE_PRIVATE_KEY_PASSPHRASE_ENV,
+    PROFILE_AUTHENTICATOR_ENV,
+    PROFILE_TOKEN_ENV,
+    PROFILE_ROLE_ENV,
+    PROFILE_WAREHOUSE_ENV,
+    PROFILE_DATABASE_ENV,
+    PROFILE_SCHEMA_ENV,
+)
+# The block's authenticators dbt-snowflake takes as they are (its own names for them); the
+# default "snowflake" (password) and "snowflake_jwt" (key pair) need none: dbt picks them from
+# the password or key it is given.
+_DBT_AUTHENTICATORS = {"externalbrowser", "oauth", "username_password_mfa"}
+
+
+class UnsupportedProfileCredentialsError(ValueError):
+    """The block authenticates in a way the dbt profile cannot be given."""
+
+
+def dbt_profile_env(connector: SnowflakeConnector) -> dict[str, str]:
+    """The variables the checked-in profile's snowflake target reads, from the connector block.
+
+    Every name in ``PROFILE_ENV_NAMES`` is in the result; those the block has no value for are
+    empty (the profile reads an empty one as unset), so a value left in the environment by
+    someone else never mixes with the block's.
+    """
+    credentials = connector.credentials
+    values = dict.fromkeys(PROFILE_ENV_NAMES, "")
+
+    def secret(value: Any) -> str:
+        plain = value.get_secret_value() if value is not None else ""
+        return plain.decode("utf-8") if isinstance(plain, bytes) else plain
+
+    authenticator = str(credentials.authenticator or "snowflake")
+    if authenticator == "okta_endpoint":
+        # dbt-snowflake (and the connector) take the Okta URL itself as the authenticator
+        authenticator = str(credentials.endpoint or "")
+    elif authenticator in ("snowflake", "snowflake_jwt"):
+        authenticator = ""
+    elif authenticator not in _DBT_AUTHENTICATORS:
+        raise UnsupportedProfileCredentialsError(
+            f"the Snowflake block authenticates with {authenticator!r}, which postload cannot "
+            "pass to the dbt profile; expected a password, a private key (or its path), "
+            "oauth, externalbrowser, username_password_mfa or okta_endpoint"
+        )
+    values.update(
+        {
+            PROFILE_ACCOUNT_ENV: credentials.account,
+            PROFILE_USER_ENV: credentials.user or "",
+            PROFILE_PASSWORD_ENV: secret(credentials.password),
+            PROFILE_PRIVATE_KEY_ENV: secret(credentials.private_key),
+            PROFILE_PRIVATE_KEY_PATH_ENV: str(credentials.private_key_path or ""),
+            PROFILE_PRIVATE_KEY_PASSPHRASE_ENV: secret(credentials.private_key_passphrase),
+            PROFILE_AUTHENTICATOR_ENV: authenticator,
+            PROFILE_TOKEN_ENV: secret(credentials.token),
+            PROFILE_ROLE_ENV: credentials.role or "",
+            PROFILE_WAREHOUSE_ENV: connector.warehouse,
+            PROFILE_DATABASE_ENV: connector.database,
+            PROFILE_SCHEMA_ENV: connector.schema_,
+        }
+    )
+    return values
+
+
+def profile_secrets(values: Mapping[str, str]) -> list[str]:
+    """The credential values among ``dbt_profile_env``'s (to keep out of messages)."""
+    return [v for k, v in values.items() if k.startswith("DBT_ENV_SECRET_") and v]
+
+
 def _location(connector: SnowflakeConnector) -> str:
     """Where the data lives, for messages and logs: account and database, never a credential."""
     return f"snowflake://{connector.credentials.account}/{connector.database}"

@@ -361,7 +361,9 @@ def test_a_profile_dbt_cannot_share_an_instance_with_still_builds(
     profiles = postload_home.root / "dbt_project" / "profiles.yml"
     profiles.write_text(
         profiles.read_text().replace(
-            "      threads: 4\n", "      threads: 4\n      config_options:\n        threads: 2\n"
+            "      threads: 4\n",
+            "      threads: 4\n      config_options:\n        threads: 2\n",
+            1,  # the duckdb target
         )
     )
     assert "config_options" in profiles.read_text()

@@ -18,7 +18,7 @@ import pytest
 from postload.config import Selection
 from postload.dbt import DbtInvocationError, DbtProject
 from postload.dbt._core import CoreDbtRunner
-from tests.conftest import PostloadHome
+from tests.conftest import PostloadHome, suite_secret
 
 ENV_PROFILE = """\
 tiny:
@@ -352,3 +352,150 @@ def test_a_runner_checks_its_profile_once(tmp_path: Path) -> None:
     runner.check_profile()  # cached: a build checks it at its start, every time
     with pytest.raises(DbtInvocationError):
         CoreDbtRunner(project_dir, tmp_path / "wh.duckdb", warehouse_is_duckdb=True).check_profile()
+
+
+# -- the Snowflake target -----------------------------------------------------------------------
+
+SNOWFLAKE_PASSWORD = suite_secret("dbt profile: Snowflake password", "sf-profile-pw-5b71")
+
+
+def snowflake_vars(database: str = "DB") -> dict[str, str]:
+    """What postload sets for a Snowflake warehouse, from a connector block built in memory."""
+    from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
+
+    from postload.warehouse._snowflake import dbt_profile_env
+
+    block = SnowflakeConnector(
+        credentials=SnowflakeCredentials(account="acct", user="u", password=SNOWFLAKE_PASSWORD),
+        database=database,
+        warehouse="WH",
+        schema="ANALYTICS",
+    )
+    return {"POSTLOAD_DBT_TARGET": "snowflake", **dbt_profile_env(block)}
+
+
+def test_the_checked_in_profile_builds_in_the_snowflake_blocks_database(
+    postload_home: PostloadHome,
+) -> None:
+    project_dir = postload_home.root / "dbt_project"
+    project = DbtProject(project_dir, postload_home.duckdb, profile_vars=snowflake_vars)
+    before = dict(os.environ)
+    target = project.check_profile(False)
+    assert (target.target, target.type, target.database) == ("snowflake", "snowflake", "DB")
+    assert dict(os.environ) == before  # set for the rendering only
+
+    with pytest.raises(DbtInvocationError) as duckdb_warehouse:
+        project.check_profile(True)
+    assert "warehouse is DuckDB" in str(duckdb_warehouse.value)
+    assert "is a snowflake target" in str(duckdb_warehouse.value)
+
+    on_duckdb = DbtProject(
+        project_dir, postload_home.duckdb, profile_vars=lambda: {"POSTLOAD_DBT_TARGET": "duckdb"}
+    )
+    with pytest.raises(DbtInvocationError) as snowflake_warehouse:
+        on_duckdb.check_profile(False)
+    message = str(snowflake_warehouse.value)
+    assert "warehouse is Snowflake" in message and "target 'duckdb'" in message
+    assert "is a duckdb target" in message and "POSTLOAD_DBT_TARGET" in message
+
+
+def test_a_snowflake_target_on_another_database_is_refused_naming_both(tmp_path: Path) -> None:
+    """A user's own profile (no postload variables): its target is still checked."""
+    profile = (
+        "tiny:\n  target: prod\n  outputs:\n    prod:\n      type: snowflake\n"
+        "      account: acme\n      user: dbt\n      database: analytics_dev\n      schema: marts\n"
+    )
+    project_dir = tiny_project(tmp_path / "project", profile=profile)
+    project = DbtProject(project_dir, tmp_path / "wh.duckdb", profile_vars=snowflake_vars)
+    with pytest.raises(DbtInvocationError) as refused:
+        project.check_profile(False)
+    message = str(refused.value)
+    assert "'analytics_dev'" in message and "postload loads into 'DB'" in message
+    assert "env_var('POSTLOAD_SNOWFLAKE_DATABASE')" in message
+
+    same = DbtProject(
+        project_dir, tmp_path / "wh.duckdb", profile_vars=lambda: snowflake_vars("ANALYTICS_DEV")
+    )
+    assert same.check_profile(False).database == "analytics_dev"  # Snowflake's names: any case
+
+
+def test_a_profile_error_never_shows_the_blocks_password(tmp_path: Path) -> None:
+    """A profile quoting the password where a database or a port goes: refused, not shown."""
+    secret = "\"{{ env_var('DBT_ENV_SECRET_POSTLOAD_SNOWFLAKE_PASSWORD') }}\""
+    profile = (
+        "tiny:\n  target: prod\n  outputs:\n    prod:\n      type: snowflake\n"
+        f"      account: acme\n      database: {secret}\n      schema: marts\n"
+    )
+    project_dir = tiny_project(tmp_path / "project", profile=profile)
+    runner = CoreDbtRunner(
+        project_dir, tmp_path / "wh.duckdb", warehouse_is_duckdb=False, profile_vars=snowflake_vars
+    )
+    with pytest.raises(DbtInvocationError, match="builds in the Snowflake database") as refused:
+        runner.check_profile()
+    assert SNOWFLAKE_PASSWORD not in str(refused.value) and "'***'" in str(refused.value)
+
+    write(
+        project_dir,
+        {"profiles.yml": profile.replace("database: DB", "") + f"      port: {secret}\n"},
+    )
+    with pytest.raises(DbtInvocationError) as failed:
+        runner.project.invoke_metadata(["parse"])
+    # the port's value, refused by dbt: never quoted
+    assert SNOWFLAKE_PASSWORD not in str(failed.value)
+    assert "is not valid under any of the given schemas" in str(failed.value)
+
+
+def test_opening_the_core_runner_refuses_a_profile_for_the_other_warehouse(
+    postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What every flow does first: a mismatch fails there, before anything is loaded."""
+    from prefect_snowflake import SnowflakeConnector
+
+    from postload.config import Settings
+    from postload.dbt import open_dbt_runner
+
+    blocks = {"sf"}
+    loaded: list[str] = []
+
+    def load(cls: type, name: str, **kwargs: object) -> SnowflakeConnector:
+        from prefect_snowflake import SnowflakeCredentials
+
+        loaded.append(name)
+        if name not in blocks:
+            raise ValueError(f"Unable to find block document named {name}")
+        return SnowflakeConnector(
+            credentials=SnowflakeCredentials(account="acct", user="u", password=SNOWFLAKE_PASSWORD),
+            database="DB",
+            warehouse="WH",
+            schema="ANALYTICS",
+        )
+
+    monkeypatch.setattr(SnowflakeConnector, "load", classmethod(load))
+    before = dict(os.environ)
+
+    monkeypatch.setenv("DBT_TARGET", "snowflake")  # the user's choice, on a DuckDB warehouse
+    with pytest.raises(
+        DbtInvocationError, match=r"warehouse is DuckDB .* picks a snowflake target"
+    ):
+        open_dbt_runner(Settings())
+
+    monkeypatch.setenv("POSTLOAD_WAREHOUSE", "snowflake")
+    monkeypatch.setenv("POSTLOAD_SNOWFLAKE_BLOCK", "sf")
+    monkeypatch.setenv("DBT_TARGET", "duckdb")
+    with pytest.raises(DbtInvocationError) as duckdb_target:
+        open_dbt_runner(Settings())
+    assert "warehouse is Snowflake" in str(duckdb_target.value)
+    assert "target 'duckdb'" in str(duckdb_target.value)
+
+    monkeypatch.delenv("DBT_TARGET")  # the target follows the warehouse
+    runner = open_dbt_runner(Settings())
+    assert runner.kind == "core" and loaded == ["sf", "sf"]  # once per runner
+
+    monkeypatch.setenv("POSTLOAD_SNOWFLAKE_BLOCK", "nope")
+    with pytest.raises(DbtInvocationError, match=r"block 'nope' \(POSTLOAD_SNOWFLAKE_BLOCK\)"):
+        open_dbt_runner(Settings())
+    # no profile variable stayed behind
+    assert {k: v for k, v in os.environ.items() if k not in before} == {
+        "POSTLOAD_WAREHOUSE": "snowflake",
+        "POSTLOAD_SNOWFLAKE_BLOCK": "nope",
+    }

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -118,6 +118,16 @@ _BLANK_LINES = st.sampled_from(["", " ", "\t", "\r", " \r", "\t \t"])
 _PADDING = st.sampled_from(["", " ", "\t", "\r"])
 
 
+@pytest.fixture(scope="module")
+def one_warehouse(tmp_path_factory: pytest.TempPathFactory) -> DuckDBWarehouse:
+    """One warehouse for every example: a fresh one each costs more than the load tested."""
+    root = tmp_path_factory.mktemp("line_by_line")
+    (root / "stage" / "events").mkdir(parents=True)
+    wh = DuckDBWarehouse(root / "w.duckdb", root / "stage", CONFIG)
+    wh.ensure_schema()
+    return wh
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     lines=st.lists(
@@ -128,7 +138,10 @@ _PADDING = st.sampled_from(["", " ", "\t", "\r"])
     head_bytes=st.sampled_from([1, 16, 48, 1 << 20]),
 )
 def test_counts_and_first_error_match_a_line_by_line_reading(
-    lines: list[tuple[str, str, str]], final_newline: bool, head_bytes: int
+    one_warehouse: DuckDBWarehouse,
+    lines: list[tuple[str, str, str]],
+    final_newline: bool,
+    head_bytes: int,
 ) -> None:
     """Whichever way the loader finds them (the first whole lines, or the whole file again)."""
     pieces = [before + line + after for line, before, after in lines]
@@ -136,13 +149,14 @@ def test_counts_and_first_error_match_a_line_by_line_reading(
     kept = [p.strip(" \t\r") for p in pieces]
     parsed = [(n, p) for n, p in enumerate(kept, start=1) if p]
     bad = [n for n, p in parsed if not isinstance(_json_or_none(p), dict)]
-    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_duckdb, "_HEAD_BYTES", head_bytes)
-        (Path(tmp) / "stage" / "events").mkdir(parents=True)
-        wh = DuckDBWarehouse(Path(tmp) / "w.duckdb", Path(tmp) / "stage", CONFIG)
-        wh.ensure_schema()
-        stage(wh, "f.jsonl", text)
-        (result,) = wh.load(EVENTS, None)
+        # a name of its own: the file is new to the warehouse whatever its content
+        path = stage(one_warehouse, f"{uuid.uuid4().hex}.jsonl", text)
+        try:
+            (result,) = one_warehouse.load(EVENTS, None)
+        finally:
+            path.unlink()
     assert (result.rows_parsed, result.errors_seen) == (len(parsed), len(bad))
     assert result.rows_loaded == len(parsed) - len(bad)
     assert result.first_error_line == (bad[0] if bad else None)

@@ -20,6 +20,7 @@ from prefect.events import emit_event
 
 from postload.config import PipelineConfig, Settings
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
+from postload.hooks import flow_options, timed_out_as_timeout
 from postload.plan import TransformPlan, plan_transform
 from postload.report import publish_status, transform_on_sync_markdown
 from postload.retries import build_retry_options
@@ -48,7 +49,8 @@ def transform(runner: DbtRunner, plan: TransformPlan, cause: str) -> DbtBuildRes
     return runner.build(plan.selection, cause=cause)
 
 
-@flow(name="transform-on-sync")
+@flow(name="transform-on-sync", **flow_options())
+@timed_out_as_timeout
 def transform_on_sync(
     connector_id: str | None = None,
     sync_id: str | None = None,

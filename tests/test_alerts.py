@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.flow_engine import run_flow
 
-from postload.alerts import apply_automations, automation_specs
+from postload.alerts import apply_automations, automation_specs, pagerduty_dedup_key
 from postload.blocks import slack_notification_block
-from tests.conftest import FakeSlack, PostloadHome, post_event, sentinel
+from tests.conftest import (
+    Alerting,
+    FakeSlack,
+    PostloadHome,
+    crash_sentinel,
+    post_event,
+    sentinel,
+)
 
 
 def test_reapplying_updates_and_never_duplicates(automations: FakeSlack) -> None:
@@ -120,3 +129,75 @@ def test_no_secret_in_the_block_document(
     with get_client(sync_client=True) as client:
         doc = client.read_block_document_by_name(name, "custom-webhook", include_secrets=False)
     assert "secretpath" not in json.dumps(doc.data, default=str)
+
+
+# --- PagerDuty: what pages, the dedup key per run, the resolve by the next success ------------
+
+
+def _deployment_run(deployment_id: uuid.UUID, **parameters: object) -> tuple[str, State]:
+    """A run of the deployment, executed here as a worker would run it (in-process engine)."""
+    from flows.transform_on_sync import transform_on_sync
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+    state = run_flow(transform_on_sync, flow_run=run, parameters=parameters, return_type="state")
+    return str(run.id), state
+
+
+def test_failed_run_pages_once_and_the_next_success_of_its_deployment_resolves_it(
+    prefect_server: str, postload_home: PostloadHome, alerting: Alerting
+) -> None:
+    from flows.transform_on_sync import transform_on_sync
+
+    deployment_id = transform_on_sync.to_deployment(
+        name=f"transform-on-sync-{uuid.uuid4().hex[:6]}"
+    ).apply()
+    failed_id, failed = _deployment_run(deployment_id, sources=["no_such_source"])
+    assert failed.is_failed()
+    key = pagerduty_dedup_key(failed_id)
+
+    (page,) = alerting.pagerduty.wait_for("trigger", key)
+    assert page["payload"]["severity"] == "critical"
+    assert page["payload"]["custom_details"] == {"flow_run_id": failed_id}
+    assert "transform-on-sync" in page["payload"]["summary"]
+    assert "no_such_source" in page["payload"]["summary"]
+    # The failure hook's message, sent before the run returned: the run's name and error.
+    (message,) = [m for m in alerting.slack.messages if "no_such_source" in m]
+    assert "ended Failed" in message and failed.name == "Failed"
+
+    # A later crash (what postload-run-lost does) pages and messages too: once both arrived, a
+    # second page or message for the failed run would have.
+    crashed_id = crash_sentinel()
+    alerting.pagerduty.wait_for("trigger", pagerduty_dedup_key(crashed_id))
+    (crashed,) = alerting.slack.wait_for("sentinel: no heartbeat")
+    assert "Crashed" in crashed
+    assert len(alerting.pagerduty.of("trigger", key)) == 1
+    assert len([m for m in alerting.slack.messages if "no_such_source" in m]) == 1
+    assert alerting.pagerduty.of("resolve", key) == []
+
+    # The next successful run of the deployment resolves the failed run's alert (its completion
+    # hook, before it returns), and only that one: the crash was of no deployment.
+    ok_id, ok = _deployment_run(deployment_id, connector_id="not_mapped", reason="test")
+    assert ok.is_completed()
+    assert len(alerting.pagerduty.of("resolve", key)) == 1
+    assert [
+        e["dedup_key"] for e in alerting.pagerduty.events if e["event_action"] == "resolve"
+    ] == [key]
+    assert alerting.pagerduty.of("trigger", pagerduty_dedup_key(ok_id)) == []
+
+
+def test_a_stale_source_goes_to_slack_and_never_pages(
+    prefect_server: str, alerting: Alerting
+) -> None:
+    source = f"src_{uuid.uuid4().hex[:8]}"
+    post_event(
+        prefect_server,
+        "postload.source.stale",
+        {"prefect.resource.id": f"postload.source.{source}", "prefect.resource.name": source},
+        {"source": source, "last_loaded_at": None, "age": "never loaded", "deadline": "1 day"},
+    )
+    (message,) = alerting.slack.wait_for(source)
+    assert "is stale" in message
+    crashed_id = crash_sentinel()
+    alerting.pagerduty.wait_for("trigger", pagerduty_dedup_key(crashed_id))
+    assert [e["dedup_key"] for e in alerting.pagerduty.events] == [pagerduty_dedup_key(crashed_id)]

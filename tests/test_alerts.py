@@ -55,8 +55,10 @@ def test_broken_model_fails_the_flow_and_slack_gets_one_message_naming_it(
     state = full_run_when_fresh(reason="test", return_state=True)
     assert state.is_failed()
 
+    # The failure hook's message (sent before the run returned) lists the node and its error.
     (message,) = automations.wait_for("broken_orders")
-    assert "full-run-when-fresh" in message and "Failed" in message
+    assert "full-run-when-fresh" in message and "ended Failed" in message
+    assert "• model `broken_orders` (error):" in message and "no_such_column" in message
     # once a later message has arrived, a duplicate of the first would have too
     automations.wait_for(sentinel(prefect_server))
     assert len([m for m in automations.messages if "broken_orders" in m]) == 1
@@ -201,3 +203,37 @@ def test_a_stale_source_goes_to_slack_and_never_pages(
     crashed_id = crash_sentinel()
     alerting.pagerduty.wait_for("trigger", pagerduty_dedup_key(crashed_id))
     assert [e["dedup_key"] for e in alerting.pagerduty.events] == [pagerduty_dedup_key(crashed_id)]
+
+
+def test_the_failure_message_lists_every_failed_dbt_node_with_its_error() -> None:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Failed
+
+    from postload.dbt import DbtBuildError, DbtBuildResult, NodeResult
+    from postload.hooks import MAX_NODES_LISTED, failure_message
+
+    def node(name: str, status: str, message: str | None) -> NodeResult:
+        return NodeResult(
+            unique_id=f"model.demo.{name}", name=name, resource_type="model", status=status,
+            message=message,
+        )  # fmt: skip
+
+    build = DbtBuildResult(
+        selection="--select source:orders+",
+        nodes=[
+            node("stg_orders", "success", None),
+            node("fct_orders", "error", "Binder Error: column no_such_column\nLINE 1: ..."),
+            *(node(f"m{i}", "error", "x" * 2000) for i in range(MAX_NODES_LISTED + 2)),
+        ],
+    )
+    run = FlowRun(name="brave-otter", flow_id=uuid.uuid4())
+    state = Failed(message=f"Flow run encountered an exception: {DbtBuildError(build)}")
+    subject, body = failure_message("load-and-transform", run, state, build)
+
+    assert subject == "postload: load-and-transform failed"
+    assert "`brave-otter` of `load-and-transform` ended Failed." in body
+    assert "Failed dbt nodes (23) of `dbt build --select source:orders+`:" in body
+    assert "• model `fct_orders` (error): Binder Error: column no_such_column\nLINE 1" in body
+    assert "stg_orders" not in body.split("Failed dbt nodes")[1]
+    assert "… and 3 more" in body
+    assert "x" * 501 not in body  # each node's error is cut

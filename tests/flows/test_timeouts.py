@@ -4,7 +4,9 @@ Slack message, one page), and the next run builds what it did not."""
 from __future__ import annotations
 
 import fcntl
+import threading
 import time
+import uuid
 
 import pytest
 from prefect.flows import load_flow_from_entrypoint
@@ -114,3 +116,31 @@ def test_hung_build_times_out_frees_the_writer_and_the_next_run_builds_its_sourc
     }
     assert "slow_events" in built
     gate.unlink()  # the first build's thread ends with the test
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_a_timed_out_run_gives_back_the_snowflake_writer_slot(prefect_server: str) -> None:
+    """On Snowflake the writer slot is a Prefect global concurrency limit: a run that times out
+    while holding it releases it (the slot's context exits with the timeout's exception)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from postload.config import Settings
+    from postload.hooks import timed_out_as_timeout
+    from postload.writer import warehouse_writer
+
+    limit = f"postload-warehouse-timeout-{uuid.uuid4().hex[:8]}"
+    settings = Settings(_env_file=None, warehouse="snowflake", warehouse_concurrency_limit=limit)
+    held = threading.Event()
+
+    @flow(name="writer-holder", timeout_seconds=3)
+    @timed_out_as_timeout
+    def holder() -> None:
+        with warehouse_writer(settings):
+            held.set()
+            threading.Event().wait()  # a build that never ends
+
+    state = holder(return_state=True)
+    assert held.is_set() and state.name == "TimedOut"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0

@@ -11,6 +11,24 @@
   its previous successful run.
 
 Which path sends what is in postload.alerts.
+
+What a flow timeout does to a hung dbt Core build (verified in tests/flows/test_timeouts.py):
+Prefect raises into the flow's thread at the deadline (SIGALRM: deployments run a flow in its
+process's main thread). dbt is waiting there for its node threads; the interrupt ends that wait,
+dbt returns it as a failed invocation, and the run ends ``TimedOut`` at its deadline. The
+``with`` blocks it leaves free the deployment's slot (the state is final) and the warehouse
+writer slot (the file lock, or the global concurrency limit on Snowflake), and nothing is
+recorded for the build, so the next run's plan (warehouse watermarks) finds its sources still
+pending and builds them. The dbt node that hung is *not* stopped: it keeps running in a daemon
+thread of dbt's pool until the run's process exits (a worker's or ``postload serve``'s run
+process ends after the run, and Python does not wait for daemon threads at exit; that exit is
+not exercised by the tests), and dbt cancels its
+warehouse connections only on KeyboardInterrupt, so a query in flight on Snowflake runs on there
+until it finishes or Snowflake's ``STATEMENT_TIMEOUT_IN_SECONDS`` ends it (set it below the flow
+timeout). This is why the limit is a *flow* timeout: a task timeout would leave the same thread
+running inside a live flow run that goes on, or retries, next to it (PrefectHQ/prefect#23161).
+A flow run called in a thread other than the main one (not how deployments run) only gets the
+interrupt when it next runs Python code, so a build blocked in dbt's wait would outlive it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import State
 from prefect.flow_engine import run_flow
 
 from postload.alerts import apply_automations, automation_specs, pagerduty_dedup_key
-from postload.blocks import slack_notification_block
+from postload.blocks import pagerduty_notification_block, slack_notification_block
 from tests.conftest import (
     Alerting,
     FakeSlack,
@@ -131,6 +131,15 @@ def test_no_secret_in_the_block_document(
     with get_client(sync_client=True) as client:
         doc = client.read_block_document_by_name(name, "custom-webhook", include_secrets=False)
     assert "secretpath" not in json.dumps(doc.data, default=str)
+
+    from tests.conftest import FAKE_PAGERDUTY_KEY
+
+    name = f"test-pagerduty-{uuid.uuid4().hex[:8]}"
+    pagerduty_notification_block(FAKE_PAGERDUTY_KEY, "http://127.0.0.1:9/v2/enqueue").save(name)
+    with get_client(sync_client=True) as client:
+        doc = client.read_block_document_by_name(name, "custom-webhook", include_secrets=False)
+        client.delete_block_document(doc.id)
+    assert FAKE_PAGERDUTY_KEY not in json.dumps(doc.data, default=str)
 
 
 # --- PagerDuty: what pages, the dedup key per run, the resolve by the next success ------------

@@ -401,3 +401,19 @@ def test_register_script_exit_codes(
     out = capsys.readouterr().out
     assert "created" in out and DBT_API_KEY not in out
     assert DbtCloudCredentials.load(f"script-dbt-{suffix}").account_id == 99
+
+
+def test_pagerduty_events_url_can_point_elsewhere_and_a_bad_one_is_refused(
+    settings: Settings,
+) -> None:
+    from postload.blocks import pagerduty_notification_block
+
+    proxy = "http://pd-proxy.internal:8080/v2/enqueue"
+    assert pagerduty_notification_block(PAGERDUTY_KEY, proxy).url == proxy
+    report = register_blocks(
+        settings,
+        _env(PAGERDUTY_INTEGRATION_KEY=PAGERDUTY_KEY, PAGERDUTY_EVENTS_URL="events.pagerduty.com"),
+    )
+    (result,) = report.group(PAGERDUTY_GROUP)
+    assert result.status is BlockStatus.INVALID and "PAGERDUTY_EVENTS_URL" in result.detail
+    assert PAGERDUTY_KEY not in result.detail

@@ -144,7 +144,8 @@ def on_failure(flow: Flow[Any, Any], flow_run: FlowRun, state: State[Any]) -> No
                 SLACK_ATTEMPTS,
                 type(exc).__name__,
             )
-            time.sleep(attempt)
+            if attempt < SLACK_ATTEMPTS:
+                time.sleep(attempt)
 
 
 def failure_message(

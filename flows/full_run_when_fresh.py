@@ -22,6 +22,7 @@ from postload.checkout import warn_if_checkout_differs
 from postload.config import Settings
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
 from postload.freshness import FULL_BUILD, FullRunDecision, decide, tracked_sources
+from postload.hooks import flow_options, timed_out_as_timeout
 from postload.report import freshness_markdown, publish_status
 from postload.retries import build_retry_options
 from postload.runs import record_build, supersede_waiting_runs
@@ -35,7 +36,8 @@ def full_build(runner: DbtRunner, cause: str, job_id: int | None) -> DbtBuildRes
     return runner.build(FULL_BUILD, cause=cause, job_id=job_id)
 
 
-@flow(name="full-run-when-fresh")
+@flow(name="full-run-when-fresh", **flow_options())
+@timed_out_as_timeout
 def full_run_when_fresh(reason: str = "sweep") -> dict[str, Any]:
     """Build the whole dbt project once every tracked source has loaded again and is fresh.
 

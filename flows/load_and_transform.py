@@ -18,6 +18,7 @@ from prefect.events import emit_event
 from postload.checkout import warn_if_checkout_differs
 from postload.config import PipelineConfig, Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtRunner, open_dbt_runner
+from postload.hooks import flow_options, timed_out_as_timeout
 from postload.load import LoadVerdict, rejects_table, verify_load
 from postload.report import artifact_key, load_and_transform_markdown, publish_status
 from postload.retries import build_retry_options, retry_options
@@ -86,7 +87,8 @@ def report(
     return publish_status(warehouse, tables_for(settings, pipeline))
 
 
-@flow(name="load-and-transform")
+@flow(name="load-and-transform", **flow_options())
+@timed_out_as_timeout
 def load_and_transform(source: str) -> dict[str, Any]:
     """Load one source's new files, verify, build its downstream dbt models, record the result."""
     settings = Settings()

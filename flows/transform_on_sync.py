@@ -23,6 +23,7 @@ from prefect.events import emit_event
 from postload.checkout import warn_if_checkout_differs
 from postload.config import DbtRunnerKind, PipelineConfig, Settings, SourceConfig
 from postload.dbt import DbtBuildError, DbtBuildResult, DbtProject, DbtRunner, open_dbt_runner
+from postload.hooks import flow_options, timed_out_as_timeout
 from postload.plan import BuildGroup, TransformPlan, plan_transform
 from postload.report import publish_status, transform_on_sync_markdown
 from postload.retries import build_retry_options
@@ -74,7 +75,8 @@ def check_cloud_jobs(todo: TransformPlan, cloud: bool) -> None:
         )
 
 
-@flow(name="transform-on-sync")
+@flow(name="transform-on-sync", **flow_options())
+@timed_out_as_timeout
 def transform_on_sync(
     connector_id: str | None = None,
     sync_id: str | None = None,

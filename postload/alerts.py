@@ -1,36 +1,66 @@
-"""Failure notifications: Prefect automations that send one Slack message per thing gone wrong.
+"""Failure notifications: one Slack message per thing gone wrong, a page for what must wake someone.
 
-Everything that needs a human becomes a Prefect event, and automations defined here turn those
-events into messages (applied by ``postload automations apply``, idempotently):
+Everything that needs a human is a Prefect state change or event; automations defined here
+(applied by ``postload automations apply``, idempotently) and two flow hooks (postload.hooks)
+turn them into messages. Which path sends what:
 
-=========================  =================================================  ==================
-automation                 fires on                                           one message per
-=========================  =================================================  ==================
-postload-flow-failed       ``prefect.flow-run.Failed``/``Crashed`` of our     flow run (task
-                           flows (the message has the failed models)          retries never fail
-                                                                              the flow run)
-postload-sync-failed       ``fivetran.sync.failed`` (from the receiver or a   sync (deterministic
-                           Prefect Cloud webhook)                             event id)
-postload-source-stale      ``postload.source.stale`` (full-run-when-fresh,    stale episode
-                           a tracked source past its deadline)
-postload-unknown-connector ``postload.connector.unknown``                     sync
-=========================  =================================================  ==================
+===============================  ==========================  ===========================  ========
+what happened                    Slack (one message)         PagerDuty                    by
+===============================  ==========================  ===========================  ========
+flow run Failed (after retries)  the flows' ``on_failure``   trigger, dedup key           hook +
+or TimedOut                      hook: state message and     ``postload/flow-run/<id>``   auto.
+                                 every failed dbt node with  (``postload-run-page``)
+                                 its error (prefect-slack)
+flow run Crashed (its process    ``postload-run-crashed``    trigger, same dedup key      auto.
+died; or marked so by            (no hook runs: the process  (``postload-run-page``)
+``postload-run-lost``)           that would run it is gone)
+next run of that deployment      none                        resolve, for each of its     hook
+Completed                                                    runs that failed since its
+                                                             previous success
+Fivetran sync failed             ``postload-sync-failed``    none                         auto.
+tracked source past deadline     ``postload-source-stale``   none                         auto.
+unknown Fivetran connector       ``postload-unknown-         none                         auto.
+                                 connector``
+===============================  ==========================  ===========================  ========
 
 ``postload-run-lost`` sends nothing itself: a flow run of ours that stops sending heartbeats
 (its machine, container or worker died with it, so no runner reports the crash) is marked
-Crashed after ``LOST_AFTER_BEATS`` missed beats, and ``postload-flow-failed`` announces that.
+Crashed after ``LOST_AFTER_BEATS`` missed beats, which the two Crashed paths announce.
 
-The notification block is Prefect's core ``CustomWebhookNotificationBlock`` posting Slack's
-incoming-webhook JSON (``{"text": ...}``): the automation's action runs *on the Prefect server*,
-and a ``prefect_slack`` block would need prefect-slack installed there; the core
-``SlackWebhook`` block (Apprise) would work too, but Apprise only ever posts to
-``hooks.slack.com``, so nothing in between (a proxy, a test double) can receive it.
+Why a hook for Failed and an automation for Crashed: the hook runs where the flow ran, with the
+exception in hand, so it can list every failed dbt node with its error (``DbtBuildError``), and it
+also works on a server where no automation was applied; a Crashed run has no process left to run
+a hook, so only the server can announce it. Each state has exactly one Slack sender. The hook
+sends through prefect-slack's ``SlackWebhook`` (it runs in the flow's process, where prefect-slack
+is installed); the automations send through Prefect's core ``CustomWebhookNotificationBlock``
+posting Slack's webhook JSON, because their actions run *on the Prefect server*, which would
+need prefect-slack installed to load a prefect-slack block (and Apprise, behind the core
+``SlackWebhook``, only ever posts to hooks.slack.com, so no proxy or test double could receive
+it). TimedOut is a state *name* of type FAILED: its event is ``prefect.flow-run.TimedOut``, not
+``…Failed``, so the page automation expects it by name.
+
+PagerDuty (Events API v2): the page is a ``CustomWebhookNotificationBlock`` posting
+``{"routing_key", "event_action": "trigger", "dedup_key": "postload/flow-run/<id>", "payload":
+{summary, source, severity, custom_details}}`` to ``PAGERDUTY_EVENTS_URL`` (default
+events.pagerduty.com/v2/enqueue), the routing key in the block's ``secrets``; the automation's
+``body`` is the flow run id and its ``subject`` the summary (the block substitutes only those
+two). Apprise's PagerDuty (core ``PagerDutyWebHook``) can set neither a dedup key nor resolve.
+Stale sources, failed syncs and unknown connectors never page: each waits for a person in
+working hours, and the sweep or the next sync picks their data up.
+
+The resolve is sent by the flows' ``on_completion`` hook, not an automation: resolving needs the
+ids of the deployment's runs that failed since its previous success, which an automation's
+template cannot query and a hook can (one API call); an automation on Completed could only
+resolve a key derived from the completed run itself, i.e. one dedup key per deployment, which
+would fold every failure of a deployment into one alert. A resolve for an alert already resolved
+(or never opened) is dropped by PagerDuty, so sending one per failed run since the last success
+is safe to repeat. A success of a run outside any deployment (a direct call) resolves nothing.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -44,6 +74,21 @@ STALE_VARIABLE = "postload-stale-announced"
 STALE_NAMESPACE = uuid.UUID("6c1f4a52-9a41-4c52-a7a5-3d7b8f0e9c11")
 
 LOST_RUN_AUTOMATION = "postload-run-lost"
+CRASHED_AUTOMATION = "postload-run-crashed"
+PAGE_AUTOMATION = "postload-run-page"
+# Names earlier versions applied: deleted on apply, so a re-apply never leaves two senders.
+RETIRED_AUTOMATIONS = ["postload-flow-failed"]
+# Every end of a run that pages. TimedOut is a name of type FAILED, with an event of its own.
+PAGE_EVENTS = ["prefect.flow-run.Failed", "prefect.flow-run.TimedOut", "prefect.flow-run.Crashed"]
+PAGERDUTY_DEDUP_PREFIX = "postload/flow-run/"
+# The page's summary (PagerDuty's limit is 1,024 characters).
+PAGE_SUBJECT = (
+    "postload: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
+    "{% if deployment %} (deployment {{ deployment.name }}){% endif %}: "
+    "{{ (flow_run.state.message or '') | replace('\\n', ' ') | truncate(700) }}"
+)
+# The block puts it in the dedup key and custom_details (see postload.blocks).
+PAGE_BODY = "{{ flow_run.id }}"
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 RUN_END_STATES = ["Completed", "Failed", "Cancelled", "Crashed"]
 # Settings.run_heartbeat_seconds' default, and Prefect's minimum heartbeat interval.
@@ -66,9 +111,12 @@ class AutomationSpec:
 def automation_specs() -> list[AutomationSpec]:
     return [
         AutomationSpec(
-            name="postload-flow-failed",
-            description="A postload flow run failed or crashed (after its task retries).",
-            expect=["prefect.flow-run.Failed", "prefect.flow-run.Crashed"],
+            name=CRASHED_AUTOMATION,
+            description=(
+                "A postload flow run crashed: its process died (or postload-run-lost marked it). "
+                "Failed and TimedOut runs are announced by the flows' failure hook."
+            ),
+            expect=["prefect.flow-run.Crashed"],
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
             subject="postload: {{ flow.name }} {{ flow_run.state.name | lower }}",
@@ -145,7 +193,7 @@ def notification_block_ids() -> tuple[uuid.UUID | None, uuid.UUID | None]:
         except ValueError:  # no such block document
             return None
 
-    return block_id("custom-webhook", SLACK_BLOCK), block_id("pager-duty-webhook", PAGERDUTY_BLOCK)
+    return block_id("custom-webhook", SLACK_BLOCK), block_id("custom-webhook", PAGERDUTY_BLOCK)
 
 
 def apply_automations(
@@ -157,11 +205,15 @@ def apply_automations(
 ) -> list[AppliedAutomation]:
     """Create or update (by name) every automation; re-applying never duplicates.
 
-    ``heartbeat_seconds`` is how often postload's flow runs beat (``Settings.run_heartbeat_seconds``);
-    a run silent for ``lost_after_seconds`` (default: ``LOST_AFTER_BEATS`` beats) is marked Crashed.
+    ``pagerduty_block_id``: the Events API v2 block (postload.blocks); without it no automation
+    pages, and an earlier page automation is deleted. ``heartbeat_seconds`` is how often
+    postload's flow runs beat (``Settings.run_heartbeat_seconds``); a run silent for
+    ``lost_after_seconds`` (default: ``LOST_AFTER_BEATS`` beats) is marked Crashed.
     """
-    from prefect.automations import EventTrigger, Posture, SendNotification
+    from prefect.automations import SendNotification
 
+    for name in RETIRED_AUTOMATIONS + ([] if pagerduty_block_id else [PAGE_AUTOMATION]):
+        _delete(name)
     applied = []
     for spec in automation_specs():
         actions = [
@@ -169,34 +221,131 @@ def apply_automations(
                 block_document_id=notification_block_id, subject=spec.subject, body=spec.body
             )
         ]
-        if pagerduty_block_id is not None:
-            actions.append(
-                SendNotification(
-                    block_document_id=pagerduty_block_id, subject=spec.subject, body=spec.body
-                )
+        applied.append(_upsert(spec.name, spec.description, _reactive(spec), actions))
+    if pagerduty_block_id is not None:
+        applied.append(
+            _upsert(
+                PAGE_AUTOMATION,
+                "A postload flow run failed (after its retries), timed out or crashed: page, "
+                "with the run's id as dedup key. The next successful run of its deployment "
+                "resolves it (the flows' completion hook).",
+                _reactive(
+                    AutomationSpec(
+                        name=PAGE_AUTOMATION,
+                        description="",
+                        expect=PAGE_EVENTS,
+                        match={"prefect.resource.id": "prefect.flow-run.*"},
+                        match_related={
+                            "prefect.resource.role": "flow",
+                            "prefect.resource.name": FLOW_NAMES,
+                        },
+                        subject=PAGE_SUBJECT,
+                        body=PAGE_BODY,
+                    )
+                ),
+                [
+                    SendNotification(
+                        block_document_id=pagerduty_block_id, subject=PAGE_SUBJECT, body=PAGE_BODY
+                    )
+                ],
             )
-        trigger = EventTrigger(
-            expect=set(spec.expect),
-            match=spec.match,
-            match_related=spec.match_related or {},
-            # one message per flow run / per connector, never batched or suppressed
-            for_each={"prefect.resource.id"},
-            posture=Posture.Reactive,
-            threshold=1,
-            within=0,
         )
-        applied.append(_upsert(spec.name, spec.description, trigger, actions))
     lost_after = lost_after_seconds or LOST_AFTER_BEATS * heartbeat_seconds
     applied.append(
         _upsert(
             LOST_RUN_AUTOMATION,
             f"A postload flow run sent no heartbeat for {lost_after:g} s: the machine, container "
-            "or process running it is gone. Marks it Crashed, which postload-flow-failed announces.",
+            f"or process running it is gone. Marks it Crashed, which {CRASHED_AUTOMATION} "
+            f"announces (and {PAGE_AUTOMATION} pages).",
             lost_run_trigger(lost_after),
             [lost_run_action(lost_after)],
         )
     )
     return applied
+
+
+def _reactive(spec: AutomationSpec) -> Any:
+    from prefect.automations import EventTrigger, Posture
+
+    return EventTrigger(
+        expect=set(spec.expect),
+        match=spec.match,
+        match_related=spec.match_related or {},
+        # one message per flow run / per connector, never batched or suppressed
+        for_each={"prefect.resource.id"},
+        posture=Posture.Reactive,
+        threshold=1,
+        within=0,
+    )
+
+
+def _delete(name: str) -> None:
+    from prefect.automations import Automation
+
+    try:
+        existing = cast(Automation, Automation.read(name=name))
+    except ValueError:
+        return
+    existing.delete()
+
+
+# --- PagerDuty: what the flows' completion hook sends ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PagerDutyTarget:
+    url: str
+    routing_key: str = field(repr=False)
+
+
+def load_pagerduty_target() -> PagerDutyTarget | None:
+    """The Events API URL and routing key of the registered PagerDuty block, if there is one."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from postload.blocks import PAGERDUTY_BLOCK
+
+    try:
+        block = cast(
+            CustomWebhookNotificationBlock,
+            CustomWebhookNotificationBlock.load(PAGERDUTY_BLOCK, _sync=True),  # type: ignore[call-arg]
+        )
+    except ValueError:  # no such block document: PagerDuty is not configured
+        return None
+    routing_key = block.secrets.get_secret_value().get("routing_key")
+    return PagerDutyTarget(block.url, routing_key) if routing_key else None
+
+
+def pagerduty_dedup_key(flow_run_id: str | uuid.UUID) -> str:
+    return f"{PAGERDUTY_DEDUP_PREFIX}{flow_run_id}"
+
+
+def pagerduty_resolve(target: PagerDutyTarget, flow_run_id: str, logger: Any) -> bool:
+    """Resolve the alert of one flow run (Events API v2); False, logged, when it was refused."""
+    import httpx
+
+    try:
+        response = httpx.post(
+            target.url,
+            json={
+                "routing_key": target.routing_key,
+                "event_action": "resolve",
+                "dedup_key": pagerduty_dedup_key(flow_run_id),
+            },
+            timeout=10,
+        )
+    except httpx.HTTPError as exc:
+        logger.warning("PagerDuty resolve for run %s not sent: %s", flow_run_id, type(exc).__name__)
+        return False
+    if response.status_code != 202:
+        # PagerDuty's error body says what was wrong with the event; it holds no key.
+        logger.warning(
+            "PagerDuty refused the resolve for run %s: HTTP %d %s",
+            flow_run_id,
+            response.status_code,
+            response.text[:200],
+        )
+        return False
+    return True
 
 
 def lost_run_trigger(lost_after_seconds: float) -> Any:
@@ -262,9 +411,10 @@ def _upsert(name: str, description: str, trigger: Any, actions: list[Any]) -> Ap
     return AppliedAutomation(name, existing.id, "updated")
 
 
-def automation_names() -> list[str]:
-    """Every automation ``apply_automations`` manages."""
-    return [spec.name for spec in automation_specs()] + [LOST_RUN_AUTOMATION]
+def automation_names(*, pagerduty: bool = True) -> list[str]:
+    """Every automation ``apply_automations`` manages (the page one only with ``pagerduty``)."""
+    page = [PAGE_AUTOMATION] if pagerduty else []
+    return [spec.name for spec in automation_specs()] + page + [LOST_RUN_AUTOMATION]
 
 
 def announce_stale_sources(stale: list[SourceFreshness]) -> list[str]:

@@ -13,8 +13,11 @@ dbt-cloud          ``settings.dbt_cloud_credentials_block``:        ``POSTLOAD_D
                    dbt-cloud-credentials
 slack              ``postload-slack``: custom-webhook (core Prefect failure notifications
                    block posting Slack's webhook JSON, so a plain  (``postload automations
-                   self-hosted server can send)                    apply``)
-pagerduty          ``postload-pagerduty``: pager-duty-webhook       optional second alert action
+                   self-hosted server can send), and               apply``, the flows' failure
+                   ``postload-slack-webhook``: slack-incoming-     hook; postload.alerts)
+                   webhook (prefect-slack, for the flows' hook)
+pagerduty          ``postload-pagerduty``: custom-webhook posting   pages for failed, timed-out
+                   PagerDuty Events API v2 JSON                     and crashed runs (optional)
 fivetran-webhook   ``settings.fivetran_webhook_secret_block``:      the Fivetran webhook receiver
                    secret                                           (``postload receiver``)
 =================  ===============================================  ================================
@@ -40,16 +43,18 @@ from typing import Any, cast
 from uuid import UUID, uuid4
 
 from prefect.blocks.core import Block
-from prefect.blocks.notifications import CustomWebhookNotificationBlock, PagerDutyWebHook
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_dbt.cloud import DbtCloudCredentials
+from prefect_slack import SlackWebhook  # type: ignore[import-untyped]
 from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
 from pydantic import SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from postload.config import DEFAULT_FIVETRAN_WEBHOOK_SECRET_BLOCK, Settings
+from postload.hooks import SLACK_HOOK_BLOCK
 
 __all__ = [
     "DBT_CLOUD_GROUP",
@@ -72,6 +77,7 @@ logger = logging.getLogger(__name__)
 SNOWFLAKE_CREDENTIALS_BLOCK = "postload-snowflake-credentials"
 SLACK_BLOCK = "postload-slack"
 PAGERDUTY_BLOCK = "postload-pagerduty"
+PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 # The default name; ``settings.fivetran_webhook_secret_block`` is the one registered and read.
 FIVETRAN_WEBHOOK_SECRET_BLOCK = DEFAULT_FIVETRAN_WEBHOOK_SECRET_BLOCK
 
@@ -88,7 +94,7 @@ _USED_BY = {
     SNOWFLAKE_GROUP: "the Snowflake warehouse (POSTLOAD_WAREHOUSE=snowflake)",
     DBT_CLOUD_GROUP: "the dbt Cloud runner (POSTLOAD_DBT_RUNNER=cloud)",
     SLACK_GROUP: "failure notifications to Slack",
-    PAGERDUTY_GROUP: "failure notifications to PagerDuty too (optional)",
+    PAGERDUTY_GROUP: "pages for failed, timed-out and crashed runs (optional)",
     FIVETRAN_WEBHOOK_GROUP: "the Fivetran webhook receiver (`postload receiver`)",
 }
 _REQUIRED = {
@@ -102,7 +108,7 @@ _REQUIRED = {
     ),
     DBT_CLOUD_GROUP: ("DBT_CLOUD_API_KEY", "DBT_CLOUD_ACCOUNT_ID"),
     SLACK_GROUP: ("SLACK_WEBHOOK_URL",),
-    PAGERDUTY_GROUP: ("PAGERDUTY_INTEGRATION_KEY", "PAGERDUTY_API_KEY"),
+    PAGERDUTY_GROUP: ("PAGERDUTY_INTEGRATION_KEY",),
     FIVETRAN_WEBHOOK_GROUP: ("POSTLOAD_FIVETRAN_WEBHOOK_SECRET",),
 }
 
@@ -134,8 +140,9 @@ class BlockEnv(BaseSettings):
 
     slack_webhook_url: SecretStr | None = None
 
+    # an Events API v2 integration's key (the routing key); the URL only for a proxy or a test
     pagerduty_integration_key: SecretStr | None = None
-    pagerduty_api_key: SecretStr | None = None
+    pagerduty_events_url: str = PAGERDUTY_EVENTS_URL
 
     postload_fivetran_webhook_secret: SecretStr | None = None
 
@@ -353,11 +360,50 @@ def slack_notification_block(webhook_url: str) -> CustomWebhookNotificationBlock
     )
 
 
+def _slack_hook_webhook(env: BlockEnv, built: dict[str, Block]) -> Block:
+    assert env.slack_webhook_url is not None  # built only once the group is complete
+    return SlackWebhook(url=env.slack_webhook_url)
+
+
 def _pagerduty(env: BlockEnv, built: dict[str, Block]) -> Block:
-    return PagerDutyWebHook(
-        integration_key=env.pagerduty_integration_key,
-        api_key=env.pagerduty_api_key,
-        notify_type="failure",
+    assert env.pagerduty_integration_key is not None  # built only once the group is complete
+    return pagerduty_notification_block(
+        env.pagerduty_integration_key.get_secret_value(), env.pagerduty_events_url
+    )
+
+
+def pagerduty_notification_block(
+    routing_key: str, events_url: str = PAGERDUTY_EVENTS_URL
+) -> CustomWebhookNotificationBlock:
+    """A core block posting a PagerDuty Events API v2 trigger (see postload.alerts for why).
+
+    The automation renders ``body`` as the flow run's id and ``subject`` as the summary; the
+    routing key is kept in ``secrets``, so the block document never shows it.
+    """
+    scheme, _, rest = events_url.partition("://")
+    if scheme not in ("https", "http") or not rest.partition("/")[0]:
+        raise _Invalid(
+            "PAGERDUTY_EVENTS_URL is not a URL: expected https://events.pagerduty.com/v2/enqueue"
+        )
+    return CustomWebhookNotificationBlock(
+        name=PAGERDUTY_BLOCK,
+        url=events_url,
+        method="POST",
+        json_data={
+            "routing_key": "{{routing_key}}",
+            "event_action": "trigger",
+            "dedup_key": "postload/flow-run/{{body}}",
+            "client": "postload (Prefect)",
+            "payload": {
+                "summary": "{{subject}}",
+                "source": "postload",
+                "severity": "critical",
+                "component": "prefect-flow-run",
+                "class": "flow run failed",
+                "custom_details": {"flow_run_id": "{{body}}"},
+            },
+        },
+        secrets={"routing_key": routing_key},
     )
 
 
@@ -401,12 +447,15 @@ def _groups(settings: Settings) -> tuple[_Group, ...]:
         _Group(
             name=SLACK_GROUP,
             env_vars=("SLACK_WEBHOOK_URL",),
-            specs=(_Spec(SLACK_BLOCK, CustomWebhookNotificationBlock, _slack_webhook),),
+            specs=(
+                _Spec(SLACK_BLOCK, CustomWebhookNotificationBlock, _slack_webhook),
+                _Spec(SLACK_HOOK_BLOCK, SlackWebhook, _slack_hook_webhook),
+            ),
         ),
         _Group(
             name=PAGERDUTY_GROUP,
-            env_vars=("PAGERDUTY_INTEGRATION_KEY", "PAGERDUTY_API_KEY"),
-            specs=(_Spec(PAGERDUTY_BLOCK, PagerDutyWebHook, _pagerduty),),
+            env_vars=("PAGERDUTY_INTEGRATION_KEY", "PAGERDUTY_EVENTS_URL"),
+            specs=(_Spec(PAGERDUTY_BLOCK, CustomWebhookNotificationBlock, _pagerduty),),
         ),
         _Group(
             name=FIVETRAN_WEBHOOK_GROUP,
@@ -615,4 +664,5 @@ _OPTIONAL = {
         " (optional: SNOWFLAKE_PRIVATE_KEY_PASSPHRASE, SNOWFLAKE_SCHEMA (default RAW))"
     ),
     DBT_CLOUD_GROUP: " (optional: DBT_CLOUD_DOMAIN (default cloud.getdbt.com))",
+    PAGERDUTY_GROUP: f" (optional: PAGERDUTY_EVENTS_URL (default {PAGERDUTY_EVENTS_URL}))",
 }

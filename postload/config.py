@@ -479,6 +479,13 @@ class Settings(BaseSettings):
     # the runner or worker that would otherwise report it. prefect.yaml's job variables pass the
     # same value to worker-run flows (PREFECT_FLOWS_HEARTBEAT_FREQUENCY).
     run_heartbeat_seconds: int = Field(30, ge=30, le=3600)
+    # The longest a flow run may take before Prefect ends it TimedOut (0: no limit). A hung dbt
+    # build otherwise holds its deployment's only slot and the warehouse writer slot for ever,
+    # kept alive by its heartbeats. Read when a flow's module is imported, i.e. in the process
+    # that runs it (a worker's job environment, or `postload serve`'s), so a deployment's job
+    # variables can set its own. Sized for a full dbt build; transform-on-sync may run up to
+    # sync_max_rounds builds within it.
+    flow_timeout_seconds: int = Field(7200, ge=0)
 
     retries: int = Field(3, ge=0, le=20)
     retry_backoff_seconds: float = Field(5.0, ge=0)

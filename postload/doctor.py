@@ -736,11 +736,13 @@ def check_automations(client: SyncPrefectClient, slack_block: str | None = None)
             name,
             f"no notification block {slack_block!r}: failures, failed syncs and stale sources "
             "announce themselves nowhere",
-            "set SLACK_WEBHOOK_URL (and optionally PAGERDUTY_INTEGRATION_KEY and "
-            "PAGERDUTY_API_KEY), run `postload blocks register`, then `postload automations apply`",
+            "set SLACK_WEBHOOK_URL (and optionally PAGERDUTY_INTEGRATION_KEY), run "
+            "`postload blocks register`, then `postload automations apply`",
         )
+    pagerduty = _block_exists(client, PAGERDUTY_BLOCK, "custom-webhook")
+    expected = automation_names(pagerduty=pagerduty)
     missing, disabled = [], []
-    for automation in automation_names():
+    for automation in expected:
         found = client.read_automations_by_name(automation)
         if not found:
             missing.append(automation)
@@ -758,10 +760,9 @@ def check_automations(client: SyncPrefectClient, slack_block: str | None = None)
             + "; ".join(parts),
             "run `postload automations apply`",
         )
-    pagerduty = _block_exists(client, PAGERDUTY_BLOCK, "pager-duty-webhook")
     return _ok(
         name,
-        f"all {len(automation_names())} applied, notifying {slack_block}"
+        f"all {len(expected)} applied, notifying {slack_block}"
         + (f" and {PAGERDUTY_BLOCK}" if pagerduty else ""),
     )
 

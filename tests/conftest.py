@@ -289,22 +289,193 @@ def slack() -> Iterator[FakeSlack]:
     assert fake.protocol_errors == []
 
 
-@pytest.fixture
-def automations(prefect_server: str, slack: FakeSlack) -> Iterator[FakeSlack]:
-    from prefect.automations import Automation
+def _save_slack_blocks(slack: FakeSlack) -> uuid.UUID:
+    """The automations' block (a fresh name) and the flows' failure-hook block (its fixed name)."""
+    from prefect_slack import SlackWebhook
 
-    from postload.alerts import apply_automations, automation_names
     from postload.blocks import slack_notification_block
+    from postload.hooks import SLACK_HOOK_BLOCK
 
-    block_id = slack_notification_block(slack.url).save(
+    SlackWebhook(url=slack.url).save(SLACK_HOOK_BLOCK, overwrite=True)
+    return slack_notification_block(slack.url).save(
         f"test-slack-{uuid.uuid4().hex[:8]}", overwrite=True
     )
+
+
+def _remove_alerting() -> None:
+    """Other tests' failures must not message or page these fakes."""
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.exceptions import ObjectNotFound
+    from prefect_slack import SlackWebhook
+
+    from postload.alerts import automation_names
+    from postload.blocks import PAGERDUTY_BLOCK
+    from postload.hooks import SLACK_HOOK_BLOCK
+
+    for name in automation_names():
+        with contextlib.suppress(ValueError):
+            Automation.read(name=name).delete()
+    with contextlib.suppress(ObjectNotFound, ValueError):
+        SlackWebhook.delete(SLACK_HOOK_BLOCK)
+    with contextlib.suppress(ObjectNotFound, ValueError):
+        CustomWebhookNotificationBlock.delete(PAGERDUTY_BLOCK)
+
+
+@pytest.fixture
+def automations(prefect_server: str, slack: FakeSlack) -> Iterator[FakeSlack]:
+    """postload's automations (Slack only) and the flows' Slack hook, pointed at the fake."""
+    from postload.alerts import apply_automations
+
+    block_id = _save_slack_blocks(slack)
     apply_automations(block_id)
     slack.block_id = block_id
     yield slack
-    for name in automation_names():  # other tests' failures must not page this fake
-        with contextlib.suppress(ValueError):
-            Automation.read(name=name).delete()
+    _remove_alerting()
+
+
+# PagerDuty stand-in: a loopback server speaking the Events API v2 (POST /v2/enqueue, JSON
+# {"routing_key", "event_action", "dedup_key", "payload"}; 202 {"status": "success", "message":
+# "Event processed", "dedup_key"}; 400 {"status": "invalid event"} otherwise). Anything that does
+# not follow PagerDuty's documented schema is answered 400 and recorded as a protocol error.
+FAKE_PAGERDUTY_KEY = suite_secret("fake PagerDuty: routing key", "R0UT1NGKEYfakepagerduty000000042")
+PAGERDUTY_SEVERITIES = {"critical", "error", "warning", "info"}
+
+
+@dataclass
+class FakePagerDuty:
+    url: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    protocol_errors: list[str] = field(default_factory=list)
+
+    def of(self, action: str, dedup_key: str) -> list[dict[str, Any]]:
+        return [
+            e for e in self.events if e["event_action"] == action and e["dedup_key"] == dedup_key
+        ]
+
+    def wait_for(self, action: str, dedup_key: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.of(action, dedup_key):
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"no PagerDuty {action} for {dedup_key!r}; got {self.events}")
+
+
+def _events_v2_problem(event: Any) -> str | None:
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    if event.get("routing_key") != FAKE_PAGERDUTY_KEY:
+        return "wrong routing_key"
+    if event.get("event_action") not in ("trigger", "acknowledge", "resolve"):
+        return "bad event_action"
+    key = event.get("dedup_key")
+    if not isinstance(key, str) or not 0 < len(key) <= 255:
+        return "dedup_key missing or longer than 255"
+    if event["event_action"] == "trigger":
+        payload = event.get("payload")
+        if not isinstance(payload, dict):
+            return "trigger without payload"
+        summary = payload.get("summary")
+        if not isinstance(summary, str) or not 0 < len(summary) <= 1024:
+            return "payload.summary missing or longer than 1024"
+        if not isinstance(payload.get("source"), str) or not payload["source"]:
+            return "payload.source missing"
+        if payload.get("severity") not in PAGERDUTY_SEVERITIES:
+            return "bad payload.severity"
+        details = payload.get("custom_details")
+        if details is not None and not isinstance(details, dict):
+            return "payload.custom_details not an object"
+    return None
+
+
+@pytest.fixture
+def pagerduty() -> Iterator[FakePagerDuty]:
+    fake = FakePagerDuty(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            try:
+                event = json.loads(body)
+            except ValueError:
+                event = None
+            problem = (
+                "wrong path"
+                if self.path != "/v2/enqueue"
+                else "not application/json"
+                if not self.headers.get("Content-Type", "").startswith("application/json")
+                else _events_v2_problem(event)
+            )
+            if problem:
+                # The routing key is a secret: record the problem, never the body.
+                fake.protocol_errors.append(problem)
+                reply, status = {"status": "invalid event", "message": problem}, 400
+            else:
+                fake.events.append(event)
+                reply = {
+                    "status": "success",
+                    "message": "Event processed",
+                    "dedup_key": event["dedup_key"],
+                }
+                status = 202
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    fake.url = f"http://127.0.0.1:{server.server_port}/v2/enqueue"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake
+    server.shutdown()
+    server.server_close()
+    assert fake.protocol_errors == []
+
+
+@dataclass
+class Alerting:
+    slack: FakeSlack
+    pagerduty: FakePagerDuty
+
+
+@pytest.fixture
+def alerting(prefect_server: str, slack: FakeSlack, pagerduty: FakePagerDuty) -> Iterator[Alerting]:
+    """Every automation, Slack and PagerDuty included, and the flows' hooks, at the fakes."""
+    from postload.alerts import apply_automations
+    from postload.blocks import PAGERDUTY_BLOCK, pagerduty_notification_block
+
+    slack_id = _save_slack_blocks(slack)
+    pagerduty_id = pagerduty_notification_block(FAKE_PAGERDUTY_KEY, pagerduty.url).save(
+        PAGERDUTY_BLOCK, overwrite=True
+    )
+    apply_automations(slack_id, pagerduty_id)
+    slack.block_id = slack_id
+    yield Alerting(slack, pagerduty)
+    _remove_alerting()
+
+
+def crash_sentinel(flow_name: str = "transform-on-sync") -> str:
+    """A run of one of our flows marked Crashed (as postload-run-lost does): it pages and gets a
+    Slack message, later than anything before it. Returns the run's id."""
+    from prefect import flow as prefect_flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    @prefect_flow(name=flow_name)
+    def stand_in() -> None:  # only its name matters: the automations match flows by name
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(stand_in)
+        client.set_flow_run_state(run.id, Crashed(message="sentinel: no heartbeat"), force=True)
+    return str(run.id)
 
 
 def post_event(api_url: str, event: str, resource: dict, payload: dict) -> None:

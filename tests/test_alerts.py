@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.flow_engine import run_flow
 
-from postload.alerts import apply_automations, automation_specs
-from postload.blocks import slack_notification_block
-from tests.conftest import FakeSlack, PostloadHome, post_event, sentinel
+from postload.alerts import apply_automations, automation_specs, pagerduty_dedup_key
+from postload.blocks import pagerduty_notification_block, slack_notification_block
+from tests.conftest import (
+    Alerting,
+    FakeSlack,
+    PostloadHome,
+    crash_sentinel,
+    post_event,
+    sentinel,
+)
 
 
 def test_reapplying_updates_and_never_duplicates(automations: FakeSlack) -> None:
@@ -46,8 +55,10 @@ def test_broken_model_fails_the_flow_and_slack_gets_one_message_naming_it(
     state = full_run_when_fresh(reason="test", return_state=True)
     assert state.is_failed()
 
+    # The failure hook's message (sent before the run returned) lists the node and its error.
     (message,) = automations.wait_for("broken_orders")
-    assert "full-run-when-fresh" in message and "Failed" in message
+    assert "full-run-when-fresh" in message and "ended Failed" in message
+    assert "• model `broken_orders` (error):" in message and "no_such_column" in message
     # once a later message has arrived, a duplicate of the first would have too
     automations.wait_for(sentinel(prefect_server))
     assert len([m for m in automations.messages if "broken_orders" in m]) == 1
@@ -120,3 +131,118 @@ def test_no_secret_in_the_block_document(
     with get_client(sync_client=True) as client:
         doc = client.read_block_document_by_name(name, "custom-webhook", include_secrets=False)
     assert "secretpath" not in json.dumps(doc.data, default=str)
+
+    from tests.conftest import FAKE_PAGERDUTY_KEY
+
+    name = f"test-pagerduty-{uuid.uuid4().hex[:8]}"
+    pagerduty_notification_block(FAKE_PAGERDUTY_KEY, "http://127.0.0.1:9/v2/enqueue").save(name)
+    with get_client(sync_client=True) as client:
+        doc = client.read_block_document_by_name(name, "custom-webhook", include_secrets=False)
+        client.delete_block_document(doc.id)
+    assert FAKE_PAGERDUTY_KEY not in json.dumps(doc.data, default=str)
+
+
+# --- PagerDuty: what pages, the dedup key per run, the resolve by the next success ------------
+
+
+def _deployment_run(deployment_id: uuid.UUID, **parameters: object) -> tuple[str, State]:
+    """A run of the deployment, executed here as a worker would run it (in-process engine)."""
+    from flows.transform_on_sync import transform_on_sync
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+    state = run_flow(transform_on_sync, flow_run=run, parameters=parameters, return_type="state")
+    return str(run.id), state
+
+
+def test_failed_run_pages_once_and_the_next_success_of_its_deployment_resolves_it(
+    prefect_server: str, postload_home: PostloadHome, alerting: Alerting
+) -> None:
+    from flows.transform_on_sync import transform_on_sync
+
+    deployment_id = transform_on_sync.to_deployment(
+        name=f"transform-on-sync-{uuid.uuid4().hex[:6]}"
+    ).apply()
+    failed_id, failed = _deployment_run(deployment_id, sources=["no_such_source"])
+    assert failed.is_failed()
+    key = pagerduty_dedup_key(failed_id)
+
+    (page,) = alerting.pagerduty.wait_for("trigger", key)
+    assert page["payload"]["severity"] == "critical"
+    assert page["payload"]["custom_details"] == {"flow_run_id": failed_id}
+    assert "transform-on-sync" in page["payload"]["summary"]
+    assert "no_such_source" in page["payload"]["summary"]
+    # The failure hook's message, sent before the run returned: the run's name and error.
+    (message,) = [m for m in alerting.slack.messages if "no_such_source" in m]
+    assert "ended Failed" in message and failed.name == "Failed"
+
+    # A later crash (what postload-run-lost does) pages and messages too: once both arrived, a
+    # second page or message for the failed run would have.
+    crashed_id = crash_sentinel()
+    alerting.pagerduty.wait_for("trigger", pagerduty_dedup_key(crashed_id))
+    (crashed,) = alerting.slack.wait_for("sentinel: no heartbeat")
+    assert "Crashed" in crashed
+    assert len(alerting.pagerduty.of("trigger", key)) == 1
+    assert len([m for m in alerting.slack.messages if "no_such_source" in m]) == 1
+    assert alerting.pagerduty.of("resolve", key) == []
+
+    # The next successful run of the deployment resolves the failed run's alert (its completion
+    # hook, before it returns), and only that one: the crash was of no deployment.
+    ok_id, ok = _deployment_run(deployment_id, connector_id="not_mapped", reason="test")
+    assert ok.is_completed()
+    assert len(alerting.pagerduty.of("resolve", key)) == 1
+    assert [
+        e["dedup_key"] for e in alerting.pagerduty.events if e["event_action"] == "resolve"
+    ] == [key]
+    assert alerting.pagerduty.of("trigger", pagerduty_dedup_key(ok_id)) == []
+
+
+def test_a_stale_source_goes_to_slack_and_never_pages(
+    prefect_server: str, alerting: Alerting
+) -> None:
+    source = f"src_{uuid.uuid4().hex[:8]}"
+    post_event(
+        prefect_server,
+        "postload.source.stale",
+        {"prefect.resource.id": f"postload.source.{source}", "prefect.resource.name": source},
+        {"source": source, "last_loaded_at": None, "age": "never loaded", "deadline": "1 day"},
+    )
+    (message,) = alerting.slack.wait_for(source)
+    assert "is stale" in message
+    crashed_id = crash_sentinel()
+    alerting.pagerduty.wait_for("trigger", pagerduty_dedup_key(crashed_id))
+    assert [e["dedup_key"] for e in alerting.pagerduty.events] == [pagerduty_dedup_key(crashed_id)]
+
+
+def test_the_failure_message_lists_every_failed_dbt_node_with_its_error() -> None:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Failed
+
+    from postload.dbt import DbtBuildError, DbtBuildResult, NodeResult
+    from postload.hooks import MAX_NODES_LISTED, failure_message
+
+    def node(name: str, status: str, message: str | None) -> NodeResult:
+        return NodeResult(
+            unique_id=f"model.demo.{name}", name=name, resource_type="model", status=status,
+            message=message,
+        )  # fmt: skip
+
+    build = DbtBuildResult(
+        selection="--select source:orders+",
+        nodes=[
+            node("stg_orders", "success", None),
+            node("fct_orders", "error", "Binder Error: column no_such_column\nLINE 1: ..."),
+            *(node(f"m{i}", "error", "x" * 2000) for i in range(MAX_NODES_LISTED + 2)),
+        ],
+    )
+    run = FlowRun(name="brave-otter", flow_id=uuid.uuid4())
+    state = Failed(message=f"Flow run encountered an exception: {DbtBuildError(build)}")
+    subject, body = failure_message("load-and-transform", run, state, build)
+
+    assert subject == "postload: load-and-transform failed"
+    assert "`brave-otter` of `load-and-transform` ended Failed." in body
+    assert "Failed dbt nodes (23) of `dbt build --select source:orders+`:" in body
+    assert "• model `fct_orders` (error): Binder Error: column no_such_column\nLINE 1" in body
+    assert "stg_orders" not in body.split("Failed dbt nodes")[1]
+    assert "… and 3 more" in body
+    assert "x" * 501 not in body  # each node's error is cut

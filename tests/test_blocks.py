@@ -18,6 +18,7 @@ from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect_dbt.cloud import DbtCloudCredentials
+from prefect_slack import SlackWebhook
 from prefect_snowflake import SnowflakeConnector, SnowflakeCredentials
 from typer.testing import CliRunner
 
@@ -38,6 +39,7 @@ from postload.blocks import (
 )
 from postload.cli import app
 from postload.config import Settings
+from postload.hooks import SLACK_HOOK_BLOCK
 from tests.conftest import suite_secret
 
 REGISTER_SCRIPT = Path(__file__).resolve().parent.parent / "blocks" / "register.py"
@@ -69,13 +71,13 @@ FULL_ENV: dict[str, str] = {
     "DBT_CLOUD_ACCOUNT_ID": "4242",
     "SLACK_WEBHOOK_URL": SLACK_URL,
     "PAGERDUTY_INTEGRATION_KEY": PAGERDUTY_KEY,
-    "PAGERDUTY_API_KEY": "pd-api-key-0087",
     "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": FIVETRAN_SECRET,
 }
 FIXED_NAMES = (
     (SNOWFLAKE_CREDENTIALS_BLOCK, "snowflake-credentials"),
     (SLACK_BLOCK, "custom-webhook"),
-    (PAGERDUTY_BLOCK, "pager-duty-webhook"),
+    (SLACK_HOOK_BLOCK, "slack-incoming-webhook"),
+    (PAGERDUTY_BLOCK, "custom-webhook"),
 )
 
 
@@ -133,7 +135,7 @@ def test_no_variables_skips_every_group_and_creates_nothing(
 
     report = register_blocks(settings, _env())
 
-    assert [r.status for r in report] == [BlockStatus.SKIPPED] * 6
+    assert [r.status for r in report] == [BlockStatus.SKIPPED] * 7
     assert {r.group for r in report} == {
         SNOWFLAKE_GROUP,
         DBT_CLOUD_GROUP,
@@ -214,7 +216,8 @@ def test_all_variables_create_loadable_blocks_and_rerun_is_idempotent(
         (settings.snowflake_block, "snowflake-connector", BlockStatus.CREATED),
         (settings.dbt_cloud_credentials_block, "dbt-cloud-credentials", BlockStatus.CREATED),
         (SLACK_BLOCK, "custom-webhook", BlockStatus.CREATED),
-        (PAGERDUTY_BLOCK, "pager-duty-webhook", BlockStatus.CREATED),
+        (SLACK_HOOK_BLOCK, "slack-incoming-webhook", BlockStatus.CREATED),
+        (PAGERDUTY_BLOCK, "custom-webhook", BlockStatus.CREATED),
         (settings.fivetran_webhook_secret_block, "secret", BlockStatus.CREATED),
     ]
     assert first.ok and all(r.document_id is not None for r in first)
@@ -242,6 +245,14 @@ def test_all_variables_create_loadable_blocks_and_rerun_is_idempotent(
     assert slack.secrets.get_secret_value() == {
         "slack_webhook_path": "T0SECRET/B0SECRET/slacksecret42"
     }
+    # the failure hook's prefect-slack block posts to the same webhook
+    assert SlackWebhook.load(SLACK_HOOK_BLOCK).url.get_secret_value() == SLACK_URL
+    # PagerDuty: Events API v2 at PagerDuty's URL, the routing key only in the block's secrets
+    pagerduty = CustomWebhookNotificationBlock.load(PAGERDUTY_BLOCK)
+    assert pagerduty.url == "https://events.pagerduty.com/v2/enqueue"
+    assert pagerduty.secrets.get_secret_value() == {"routing_key": PAGERDUTY_KEY}
+    assert pagerduty.json_data["routing_key"] == "{{routing_key}}"
+    assert pagerduty.json_data["dedup_key"] == "postload/flow-run/{{body}}"
     assert Secret.load(settings.fivetran_webhook_secret_block).get() == FIVETRAN_SECRET
     # ... and it is where the receiver finds the secret when the variable is not set
     assert Settings(
@@ -257,7 +268,7 @@ def test_all_variables_create_loadable_blocks_and_rerun_is_idempotent(
 
     second = register_blocks(settings, env)
 
-    assert [r.status for r in second] == [BlockStatus.UNCHANGED] * 6
+    assert [r.status for r in second] == [BlockStatus.UNCHANGED] * 7
     assert [r.document_id for r in second] == [r.document_id for r in first]
     assert _documents() == docs_after_first  # not even touched
     for result in second:
@@ -390,3 +401,19 @@ def test_register_script_exit_codes(
     out = capsys.readouterr().out
     assert "created" in out and DBT_API_KEY not in out
     assert DbtCloudCredentials.load(f"script-dbt-{suffix}").account_id == 99
+
+
+def test_pagerduty_events_url_can_point_elsewhere_and_a_bad_one_is_refused(
+    settings: Settings,
+) -> None:
+    from postload.blocks import pagerduty_notification_block
+
+    proxy = "http://pd-proxy.internal:8080/v2/enqueue"
+    assert pagerduty_notification_block(PAGERDUTY_KEY, proxy).url == proxy
+    report = register_blocks(
+        settings,
+        _env(PAGERDUTY_INTEGRATION_KEY=PAGERDUTY_KEY, PAGERDUTY_EVENTS_URL="events.pagerduty.com"),
+    )
+    (result,) = report.group(PAGERDUTY_GROUP)
+    assert result.status is BlockStatus.INVALID and "PAGERDUTY_EVENTS_URL" in result.detail
+    assert PAGERDUTY_KEY not in result.detail

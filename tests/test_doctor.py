@@ -296,7 +296,7 @@ def test_api_deployments_blocks_and_automations(
     try:
         unapplied = check_automations(client, slack_name)
         assert unapplied.status is Status.FAIL
-        assert "missing: postload-flow-failed" in unapplied.message
+        assert "missing: postload-run-crashed" in unapplied.message
         assert unapplied.fix == "run `postload automations apply`"
         apply_automations(block_id)
         applied = check_automations(client, slack_name)

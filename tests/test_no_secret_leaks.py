@@ -44,6 +44,9 @@ from postload.cli import app as postload_cli
 from postload.config import ConfigError, PipelineConfig, Settings
 from postload.fivetran.receiver import JsonLogFormatter
 from postload.fivetran.webhook import SIGNATURE_HEADER
+from postload.hooks import (
+    SLACK_HOOK_BLOCK,
+)
 from postload.warehouse._snowflake import SnowflakeWarehouse
 from tests.conftest import suite_secret
 from tests.fivetran.test_receiver import free_port, wait_for_events
@@ -60,7 +63,9 @@ SNOWFLAKE_PASSWORD = suite_secret("leak canary: snowflake_password", "LEAKCANARY
 PAGERDUTY_INTEGRATION_KEY = suite_secret(
     "leak canary: pagerduty_integration_key", "LEAKCANARYpdintegration0042"
 )
-PAGERDUTY_API_KEY = suite_secret("leak canary: pagerduty_api_key", "LEAKCANARYpdapikey0043")
+PAGERDUTY_API_KEY = suite_secret(
+    "leak canary: pagerduty_api_key", "LEAKCANARYpdapikey0043"
+)  # set, unused
 PREFECT_KEY = suite_secret("leak canary: prefect_key", "pnu_LEAKCANARY_prefect_key_0c9d")
 API_PASSWORD = suite_secret("leak canary: api_password", "LEAKCANARY-basic-auth-pw")
 SECRETS = (
@@ -318,7 +323,8 @@ BLOCK_ENV = {
 FIXED_BLOCKS = (
     (SNOWFLAKE_CREDENTIALS_BLOCK, "snowflake-credentials"),
     (SLACK_BLOCK, "custom-webhook"),
-    (PAGERDUTY_BLOCK, "pager-duty-webhook"),
+    (PAGERDUTY_BLOCK, "custom-webhook"),
+    (SLACK_HOOK_BLOCK, "slack-incoming-webhook"),
 )
 
 

@@ -99,8 +99,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     for marker, count in config.stash.get(_own_target_deselected, {}).items():
         terminalreporter.write_line(
-            f"{count} `{marker}` test(s) deselected, as in every run whose -m does not name "
-            f"`{marker}`: run them with `{OWN_TARGET[marker]}`"
+            f"{count} `{marker}` test(s) deselected (-m does not name `{marker}`): "
+            f"run them with `{OWN_TARGET[marker]}`"
         )
 
 

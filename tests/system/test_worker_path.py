@@ -38,7 +38,14 @@ from prefect.events.filters import (
 from prefect.exceptions import ObjectNotFound
 
 from postload.alerts import HEARTBEAT_EVENT, apply_automations
-from tests.conftest import REPO, FakeSlack, assert_no_secret_in, make_home, sentinel
+from tests.conftest import (
+    REPO,
+    FakeSlack,
+    assert_no_secret_in,
+    land_and_load,
+    make_home,
+    sentinel,
+)
 from tests.fivetran.test_receiver import free_port
 from tests.system.test_transform_on_sync_served import (
     SECRET,
@@ -138,6 +145,7 @@ def worker_stack(
     checkout = copy_checkout(home.root)
     procs: list[Any] = []
     logs = [root / "receiver.log", root / "worker.log"]
+    deploy: Any = None
     try:
         # The documented commands, from the copy, on the session's server.
         cli(
@@ -145,21 +153,15 @@ def worker_stack(
             checkout,
             prefect_server,
         )
-        cli(
-            [PREFECT, "--no-prompt", "deploy", "--all"],
-            checkout,
-            prefect_server,
-            POSTLOAD_VERSION=head_commit(),
-        )
-        with get_client(sync_client=True) as client:
-            deployments = {
-                name: client.read_deployment_by_name(f"{name}/{name}") for name in DEPLOYMENTS
-            }
-        assert {d.version for d in deployments.values()} == {head_commit()}
-        # The worker resolves the pull step's directory when each run starts.
-        assert deployments[DEPLOYMENT].pull_steps == DOCUMENT["pull"]
-        only_transform_on_sync({name: d.id for name, d in deployments.items()})
-
+        with (root / "deploy.log").open("wb") as out:
+            deploy = subprocess.Popen(
+                [PREFECT, "--no-prompt", "deploy", "--all"],
+                cwd=checkout,
+                env=cli_env(prefect_server, POSTLOAD_VERSION=head_commit()),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
         port = free_port()
         env = {
             **os.environ,
@@ -170,7 +172,6 @@ def worker_stack(
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": SECRET,
         }
-        worker_argv = [PREFECT, "worker", "start", "--pool", POOL["name"]]
         with logs[0].open("wb") as out:
             procs.append(
                 subprocess.Popen(
@@ -181,6 +182,27 @@ def worker_stack(
                     stderr=out,
                 )
             )
+
+        # The first sync of every source, built once in this process while the deploy runs:
+        # later runs see only what lands after.
+        from flows.transform_on_sync import transform_on_sync
+
+        for source in ("customers", "orders", "events"):
+            land_and_load(home, source, 1)
+        assert transform_on_sync(reason="sweep")["builds"]
+
+        deployed = deploy.wait(timeout=300)
+        assert deployed == 0, (root / "deploy.log").read_text()
+        with get_client(sync_client=True) as client:
+            deployments = {
+                name: client.read_deployment_by_name(f"{name}/{name}") for name in DEPLOYMENTS
+            }
+        assert {d.version for d in deployments.values()} == {head_commit()}
+        # Stored unresolved: the worker resolves the directory when each run starts.
+        assert deployments[DEPLOYMENT].pull_steps == DOCUMENT["pull"]
+        only_transform_on_sync({name: d.id for name, d in deployments.items()})
+
+        worker_argv = [PREFECT, "worker", "start", "--pool", POOL["name"]]
         with logs[1].open("wb") as out:
             procs.append(start_worker(worker_argv, checkout, env, out))
         stack = WorkerStack(
@@ -195,14 +217,6 @@ def worker_stack(
         )
         stack.worker_cwd = checkout
 
-        # The first sync of every source, built once in this process while the parts start:
-        # later runs see only what lands after.
-        from flows.transform_on_sync import transform_on_sync
-
-        for source in ("customers", "orders", "events"):
-            stack.land(source, 1)
-        assert transform_on_sync(reason="sweep")["builds"]
-
         def worker_polling() -> bool:
             with get_client(sync_client=True) as client:
                 workers = client.read_workers_for_work_pool(POOL["name"])
@@ -213,6 +227,9 @@ def worker_stack(
         stack.seen = {r.id for r in stack.runs()}
         yield stack
     finally:
+        if deploy is not None and deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
         stop_parts(procs)
         monkeypatch.undo()
         with get_client(sync_client=True) as client:

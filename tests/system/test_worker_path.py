@@ -7,7 +7,7 @@ from a copy of the checkout whose sources are fed by simulated Fivetran connecto
 ``POSTLOAD_PROJECT_DIR=<copy> prefect worker start --pool postload-local``. Each flow run then
 changes into the worker's POSTLOAD_PROJECT_DIR (the pull step) and imports its flow from there.
 
-Slow (about 2-3 minutes with the server's start): deselected from ``make test``, run by
+About 2 minutes after the server's start: deselected from ``make test``, run by
 ``make test-worker`` (tests/system/README.md).
 """
 

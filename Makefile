@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 # budget is too tight on a 2-core machine (~25 s measured).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-fast lint lock bench bench-quick faults faults-quick image clean
+.PHONY: setup demo test test-fast test-worker lint lock bench bench-quick faults faults-quick image clean
 
 $(BIN)/postload: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: setup lint
 ## The edit-test loop: the unit tier only (no Prefect server; any API call fails fast), no lint.
 test-fast: setup
 	PREFECT_API_URL=http://127.0.0.1:9/api $(BIN)/pytest -q -m unit
+
+## The work-pool path (tests/system/test_worker_path.py): `prefect deploy --all` to a process pool,
+## a real worker, a webhook's build and a worker killed mid-run; 1-3 min, so not in `make test`.
+test-worker: setup
+	$(BIN)/pytest -q -m worker tests/system/test_worker_path.py
 
 lint: setup
 	$(BIN)/ruff check .

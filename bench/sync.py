@@ -16,6 +16,9 @@ The real path, every part a separate process on loopback, as a user runs it:
   every run is over, count dbt invocations (goal ≤ 2) and compare the models built with the union
   of the K sources' downstream closures (goal: equal).
 
+``--runner worker`` (or ``both``, side by side) measures latency on prefect.yaml's work-pool path
+instead: ``prefect deploy`` to the process pool, ``prefect worker start`` in place of ``serve``.
+
 The Prefect server is a ``prefect_test_harness`` subprocess (startup not timed). Nothing leaves
 the machine. Work files go to ``bench/.work/sync-*`` (removed unless ``--keep``).
 
@@ -398,7 +401,9 @@ def first_node_started(home: Path, flow_run_id: uuid.UUID) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment else None
 
 
-def latency(args: argparse.Namespace, work: Path, api_url: str) -> None:
+def latency(
+    args: argparse.Namespace, work: Path, api_url: str
+) -> dict[str, list[dict[str, float]]]:
     home = demo_home(work / "demo")
     os.environ["POSTLOAD_PROJECT_DIR"] = str(home)
     os.environ["POSTLOAD_SYNC_DEBOUNCE_SECONDS"] = str(args.debounce)
@@ -449,6 +454,7 @@ def latency(args: argparse.Namespace, work: Path, api_url: str) -> None:
         warm = statistics.median(r["total"] for r in results["warm"])
         cold = statistics.median(r["total"] for r in results["cold"])
         print(f"  warm/cold p50 ratio, same run: {warm / cold:.2f}")
+    return results
 
 
 def make_stale(home: Path, source: str, *, days: int = 3) -> None:
@@ -572,6 +578,139 @@ def burst(args: argparse.Namespace, work: Path, api_url: str) -> None:
         )
 
 
+# --- the work-pool path (--runner worker) ------------------------------------------------------
+
+POOL = "postload-local"  # prefect.yaml's process pool
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def worker_home(root: Path) -> Path:
+    """The demo home, plus what a worker's flow runs import from POSTLOAD_PROJECT_DIR (the pull
+    step changes into it): flows/ and prefect.yaml."""
+    home = demo_home(root)
+    shutil.copytree(ROOT / "flows", home / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", home / "prefect.yaml")
+    return home
+
+
+def _prefect_cli(argv: list[str], cwd: Path, api_url: str, **extra: str) -> None:
+    """A Prefect CLI command as a person runs it against this server: none of this process's
+    PREFECT_* or POSTLOAD_* settings (POSTLOAD_PROJECT_DIR would be stored in the pull step)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "POSTLOAD_"))}
+    env.update(PREFECT_API_URL=api_url, PREFECT_CLI_PROMPT="false", **extra)
+    result = subprocess.run(
+        [PREFECT, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    if result.returncode:
+        raise RuntimeError(f"prefect {' '.join(argv)} failed:\n{result.stdout}\n{result.stderr}")
+
+
+@contextmanager
+def worker_stack(
+    work: Path, home: Path, api_url: str, poll: float, deployment: str = DEPLOYMENT
+) -> Iterator[Stack]:
+    """prefect.yaml's work-pool path: the process pool, `prefect deploy` of the deployment (its
+    sweep schedule paused, as `serve --no-schedules`), a receiver and `prefect worker start`."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    version = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(POOL)
+        except ObjectNotFound:
+            _prefect_cli(["work-pool", "create", POOL, "--type", "process"], home, api_url)
+    _prefect_cli(
+        ["--no-prompt", "deploy", "--name", deployment], home, api_url, POSTLOAD_VERSION=version
+    )
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(f"{deployment}/{deployment}").id
+        for schedule in client.read_deployment_schedules(deployment_id):
+            client.update_deployment_schedule(deployment_id, schedule.id, active=False)
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "POSTLOAD_PROJECT_DIR": str(home),
+        "PREFECT_WORKER_QUERY_SECONDS": str(poll),  # as the runner's poll
+        "POSTLOAD_FIVETRAN_WEBHOOK_SECRET": SECRET,
+    }
+    procs = [
+        Proc("receiver", [POSTLOAD, "receiver", "--port", str(port)], env, work),
+        Proc("worker", [PREFECT, "worker", "start", "--pool", POOL], env, work),
+    ]
+    try:
+        receiver_url = f"http://127.0.0.1:{port}"
+        wait_healthy(receiver_url, procs)
+        deadline = time.monotonic() + READY_TIMEOUT
+        with get_client(sync_client=True) as client:
+            while not any(
+                w.status.value == "ONLINE" for w in client.read_workers_for_work_pool(POOL)
+            ):
+                for proc in procs:
+                    proc.alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not come online")
+                time.sleep(0.2)
+        yield Stack(api_url, home, receiver_url, deployment_id, procs)
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def worker_latency(args: argparse.Namespace, work: Path, api_url: str) -> list[dict[str, float]]:
+    """P1 on the work-pool path: the same samples as ``latency``, a worker instead of serve."""
+    home = worker_home(work / "demo")
+    os.environ["POSTLOAD_PROJECT_DIR"] = str(home)
+    os.environ["POSTLOAD_SYNC_DEBOUNCE_SECONDS"] = str(args.debounce)
+    bootstrap(home, ["customers", "orders", "events"], generated=False)
+    print(
+        "\nworker: `prefect worker start --pool postload-local` runs each flow run in a new process"
+    )
+    rows: list[dict[str, float]] = []
+    batch = 100
+    with worker_stack(work, home, api_url, args.poll) as stack:
+        known = {r.id for r in stack.runs()}
+        for i in range(args.events):
+            batch += 1
+            land(home, "events", batch, generated=False)
+            posted = stack.post("conn_events")
+            (run,) = stack.settle(known, 1)
+            known.add(run.id)
+            node = first_node_started(home, run.id)
+            if run.state_name != "Completed" or node is None:
+                raise RuntimeError(f"run {run.id} ended {run.state_name}, first node {node}")
+            rows.append(timing_row(posted, run, node))
+            print(f"  event {i + 1:>2}: post→first dbt node {describe_row(rows[-1])}", flush=True)
+    return rows
+
+
+RUNNER_LABELS = {
+    "created": "post → flow run created (receiver+trigger)",
+    "running": "created → flow running (poll+process+pull)",
+    "first_node": "running → first dbt node (flow body+dbt)",
+    "total": "TOTAL post → first dbt node",
+}
+
+
+def print_runners(served: list[dict[str, float]], worker: list[dict[str, float]]) -> None:
+    """P1 on both runners, side by side (serve: warm start, postload's default)."""
+    print(f"\nP1 by runner, same run: serve (warm, {len(served)} events) vs worker ({len(worker)})")
+    print(f"  {'part':<44} {'serve p50':>9} {'p95':>6} {'worker p50':>10} {'p95':>6}")
+    for key, label in RUNNER_LABELS.items():
+        a, b = [r[key] for r in served], [r[key] for r in worker]
+        print(
+            f"  {label:<44} {statistics.median(a):>9.2f} {pct(a, 0.95):>6.2f} "
+            f"{statistics.median(b):>10.2f} {pct(b, 0.95):>6.2f}"
+        )
+    p50 = statistics.median(r["total"] for r in worker)
+    p95 = pct([r["total"] for r in worker], 0.95)
+    print(f"  worker: goal p50 ≤ 5 s, p95 ≤ 10 s: {'met' if p50 <= 5 and p95 <= 10 else 'MISSED'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -604,6 +743,13 @@ def main(argv: list[str] | None = None) -> int:
         help="how serve starts flow runs: warm (forked from a preloaded process, the default) "
         "and/or cold (a fresh interpreter, Prefect's own way); latency measures each",
     )
+    parser.add_argument(
+        "--runner",
+        choices=["serve", "worker", "both"],
+        default="serve",
+        help="what runs the flow runs in latency (P1): serve (default), worker (prefect.yaml's "
+        "process work pool and `prefect worker start`), or both, printed side by side",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.debounce is None:
@@ -621,7 +767,16 @@ def main(argv: list[str] | None = None) -> int:
 
             api_url = PREFECT_API_URL.value()
             if args.mode in ("latency", "both", "all"):
-                latency(args, work / "latency", api_url)
+                served = {}
+                if args.runner in ("serve", "both"):
+                    served = latency(args, work / "latency", api_url)
+                if args.runner in ("worker", "both"):
+                    worker = worker_latency(args, work / "latency-worker", api_url)
+                    if "warm" in served:
+                        print_runners(served["warm"], worker)
+                    else:
+                        print(f"\nP1 webhook → first dbt node on the worker, {len(worker)} events")
+                        print_timings(worker, RUNNER_LABELS)
             if args.mode in ("burst", "both", "all"):
                 burst(args, work / "burst", api_url)
             if args.mode in ("fresh", "all"):

@@ -70,11 +70,38 @@ TIERS = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# Tests too slow for the suite's budget, each run by a make target of its own (markers in
+# pyproject.toml). Unless the -m expression names their marker they are deselected, which pytest
+# counts in its summary line, and the summary says how to run them: never skipped in silence.
+OWN_TARGET = {"worker": "make test-worker"}
+_own_target_deselected = pytest.StashKey[dict[str, int]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
         item.add_marker("flows" if "prefect_server" in item.fixturenames else "unit")
+
+    markexpr = config.getoption("markexpr") or ""
+    counts: dict[str, int] = {}
+    for marker in OWN_TARGET:
+        if re.search(rf"\b{marker}\b", markexpr):
+            continue
+        deselected = [item for item in items if item.get_closest_marker(marker)]
+        if deselected:
+            counts[marker] = len(deselected)
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
+    config.stash[_own_target_deselected] = counts
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    for marker, count in config.stash.get(_own_target_deselected, {}).items():
+        terminalreporter.write_line(
+            f"{count} `{marker}` test(s) deselected (-m does not name `{marker}`): "
+            f"run them with `{OWN_TARGET[marker]}`"
+        )
 
 
 def pytest_configure(config: pytest.Config) -> None:

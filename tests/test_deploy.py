@@ -29,8 +29,8 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.exceptions import ObjectNotFound
+from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.asyncutils import run_coro_as_sync
-from prefect.utilities.hashing import file_hash
 from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
 from typer.testing import CliRunner
 
@@ -531,9 +531,9 @@ def test_a_deploy_without_postload_version_fails_instead_of_deploying_unpinned(
                 prefect_server, tmp_path / "bare.yaml", {**document, "build": None}
             )
             assert result.returncode == 0, result.stderr
-            # the flow file's hash, Prefect's default version
-            flow_file = REPO / spec["entrypoint"].split(":")[0]
-            assert read_deployment(client, name, suffix).version == file_hash(str(flow_file))
+            # Prefect's default version: the hash of the file its flow's function comes from
+            flow = load_flow_from_entrypoint(str(REPO / spec["entrypoint"]))
+            assert read_deployment(client, name, suffix).version == flow.version
         finally:
             remove(client, [name], suffix)
             if created_pool:

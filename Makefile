@@ -27,12 +27,15 @@ demo: setup
 	$(BIN)/postload demo
 
 ## Lint, then the whole test suite (a real Prefect test server, DuckDB and dbt; fakes only for cloud services).
+## One worker per core (pytest-xdist), each with its own Prefect test server; a test file stays on
+## one worker, so its module-scoped fixtures (a running stack) are started once.
+PYTEST_PARALLEL := -n auto --dist loadfile
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 ## The edit-test loop: the unit tier only (no Prefect server; any API call fails fast), no lint.
 test-fast: setup
-	PREFECT_API_URL=http://127.0.0.1:9/api $(BIN)/pytest -q -m unit
+	PREFECT_API_URL=http://127.0.0.1:9/api $(BIN)/pytest -q -m unit $(PYTEST_PARALLEL)
 
 ## The work-pool path (tests/system/test_worker_path.py): `prefect deploy --all` to a process pool,
 ## a real worker, a webhook's build and a worker killed mid-run; 1-3 min, so not in `make test`.

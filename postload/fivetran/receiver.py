@@ -13,6 +13,13 @@ it to a local SQLite file *before* answering 202. A background forwarder drains 
 deterministic, so a redelivery is a duplicate row (ignored here) and a duplicate event (ignored by
 Prefect's event store and trigger service), never a second dbt run.
 
+Catch-up: a Prefect server that restarts loses what it held in memory (events it answered 204 for
+but had not stored or evaluated, automation actions not yet run). When the API answers again after
+failing (a forward, or the health probe sent every ``api_probe_seconds`` while idle), the receiver
+queues one ``postload.catch-up`` event for that outage; its id comes from the outage's start,
+kept in the outbox file, so it is queued once even across a receiver restart. transform-on-sync's
+``on-catch-up`` trigger turns it into one run that builds what the warehouse says is pending.
+
 Run it with ``postload receiver`` (settings: ``POSTLOAD_RECEIVER_*``, the secret from
 ``POSTLOAD_FIVETRAN_WEBHOOK_SECRET`` or a Prefect Secret block; see ``postload.config``).
 
@@ -40,6 +47,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import NAMESPACE_URL, uuid5
 
 import httpx
 from pydantic import ValidationError
@@ -58,6 +66,7 @@ from postload.fivetran.webhook import (
 )
 
 __all__ = [
+    "CATCH_UP_EVENT",
     "FORWARD_BATCH_SIZE",
     "MAX_BODY_BYTES",
     "ForwardError",
@@ -65,6 +74,7 @@ __all__ = [
     "Outbox",
     "OutboxCounts",
     "Receiver",
+    "catch_up_event",
     "create_app",
     "serve",
 ]
@@ -85,6 +95,10 @@ RETENTION = timedelta(days=7)
 # on a full disk to matter, short next to Fivetran's 24 h of retries.
 OUTBOX_UNWRITABLE_RETRY_AFTER_SECONDS = 60
 PRUNE_EVERY_SECONDS = 3600.0
+# While nothing is pending, the API's health is checked this often, so an outage that no forward
+# ran into (a server restart right after the last events went out) still ends in a catch-up event.
+API_PROBE_SECONDS = 10.0
+CATCH_UP_EVENT = "postload.catch-up"
 # After an oversized body is refused, up to this much more is read and discarded so the client
 # can read the 413 (closing a socket with unread input sends a TCP reset, which can destroy the
 # response before the client reads it). Beyond it the connection is simply dropped.
@@ -140,6 +154,7 @@ class Receiver:
         backoff_max: float = BACKOFF_MAX_SECONDS,
         forward_timeout: float = 10.0,
         retention: timedelta = RETENTION,
+        api_probe_seconds: float | None = API_PROBE_SECONDS,
     ) -> None:
         if not secret:
             raise ValueError("the Fivetran webhook secret is empty: refusing to accept unsigned")
@@ -155,6 +170,7 @@ class Receiver:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.retention = retention
+        self.api_probe_seconds = api_probe_seconds
         self.last_forward_error: str | None = None
         # Why the last event could not be stored (healthz), until one is stored again.
         self.last_record_error: str | None = None
@@ -166,6 +182,8 @@ class Receiver:
         # and GIL hand-offs per request); the occasional checkpoint fsync stalls the loop for a
         # few milliseconds, which the requests would have waited for anyway.
         self.outbox = Outbox(self.outbox_path)
+        # The start of the current outage of the API (UTC ISO-8601), None while it answers.
+        self.api_unreachable_since = self.outbox.api_unreachable_since()
         self._client = httpx.AsyncClient(
             base_url=self.prefect_api_url,
             headers={
@@ -361,6 +379,7 @@ class Receiver:
             "oldest_pending_age_seconds": age,
             "last_forward_error": self.last_forward_error,
             "forward_requests": self.forward_requests,
+            "api_unreachable_since": self.api_unreachable_since,
         }
         _log_request(request, 200, started)
         return JSONResponse(body)
@@ -419,7 +438,12 @@ class Receiver:
         try:
             response = await self._client.post("/events", content=content.encode("utf-8"))
         except httpx.HTTPError as exc:
+            self._api_unreachable()
             raise self._forward_failed(ids, f"{type(exc).__name__}: {exc}") from None
+        if response.status_code >= 500:
+            self._api_unreachable()
+        else:
+            self._api_reachable()
         if response.is_success:
             self.outbox.mark_forwarded(ids)
             return len(ids)
@@ -442,6 +466,41 @@ class Receiver:
             return 1
         error = f"HTTP {response.status_code}: {_snippet(response.text)}"
         raise self._forward_failed(ids, error)
+
+    def _api_unreachable(self) -> None:
+        if self.api_unreachable_since is None:
+            self.api_unreachable_since = self.outbox.mark_api_unreachable(_now_iso())
+            _log(logging.WARNING, "prefect api unreachable", since=self.api_unreachable_since)
+
+    def _api_reachable(self) -> None:
+        """The API answered: if it was unreachable, queue that outage's catch-up event."""
+        since = self.api_unreachable_since
+        if since is None:
+            return
+        event = catch_up_event(since, datetime.now(UTC))
+        queued = self.outbox.end_outage(event["id"], json.dumps(event, separators=(",", ":")))
+        self.api_unreachable_since = None
+        _log(
+            logging.INFO,
+            "prefect api reachable again: catch-up event queued",
+            since=since,
+            event_id=event["id"],
+            queued=queued,
+        )
+        self._wake.set()
+
+    async def probe_api_once(self) -> bool:
+        """GET {api}/health; True when the API answered (any status below 500)."""
+        try:
+            response = await self._client.get("/health")
+        except httpx.HTTPError:
+            self._api_unreachable()
+            return False
+        if response.status_code >= 500:
+            self._api_unreachable()
+            return False
+        self._api_reachable()
+        return True
 
     def _forward_failed(self, ids: list[str], error: str) -> ForwardError:
         """Record a failed attempt on the rows; returns the error for the caller to raise."""
@@ -479,7 +538,14 @@ class Receiver:
             self._maybe_prune()
             if handled:
                 continue  # more may be waiting: go again until a pass finds nothing
-            await self._wake.wait()
+            if self.api_probe_seconds is None:
+                await self._wake.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.api_probe_seconds)
+            except TimeoutError:
+                with suppress(Exception):  # a probe that fails is recorded, never fatal
+                    await self.probe_api_once()
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()
@@ -488,6 +554,28 @@ class Receiver:
         self._next_prune = now + PRUNE_EVERY_SECONDS
         with suppress(sqlite3.Error):
             self.outbox.prune(datetime.now(UTC) - self.retention)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def catch_up_event(api_unreachable_since: str, reachable_at: datetime) -> dict[str, Any]:
+    """The Prefect event that asks for a catch-up run after an outage of the API that began at
+    ``api_unreachable_since``: one id per outage (from its start), so sent once."""
+    return {
+        "id": str(uuid5(NAMESPACE_URL, f"postload:catch-up:{api_unreachable_since}")),
+        "occurred": reachable_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "event": CATCH_UP_EVENT,
+        "resource": {
+            "prefect.resource.id": "postload.receiver",
+            "prefect.resource.name": "postload receiver",
+        },
+        "payload": {
+            "api_unreachable_since": api_unreachable_since,
+            "api_reachable_at": reachable_at.astimezone(UTC).isoformat(timespec="seconds"),
+        },
+    }
 
 
 def _cut_at_bytes(rows: list[tuple[str, str]], limit: int) -> list[tuple[str, str]]:

@@ -1,10 +1,14 @@
-"""Prove it under faults: a burst of signed webhooks, a receiver SIGKILL and a Prefect API outage.
+"""Prove it under faults: a burst of signed webhooks, a receiver SIGKILL, a Prefect API outage
+and a Prefect server SIGKILL.
 
 A system test, not a benchmark: CI runs ``make faults-quick`` and fails when an invariant does.
 The real path, every part a separate process on loopback (started with bench/sync.py's helpers)::
 
     signed POSTs ──> receiver (outbox) ──> fault proxy ──> Prefect API /events ──> trigger
         ──> transform-on-sync run (`postload serve`, talks to the API directly) ──> dbt (DuckDB)
+
+`postload serve` serves prefect.yaml's transform-on-sync (its triggers as they are) with the
+sweep every ``--sweep`` seconds instead of 15 minutes.
 
 On bench/sync.py's generated 20-source project (sources s0..s19, connectors conn_s0..conn_s19):
 
@@ -18,17 +22,26 @@ On bench/sync.py's generated 20-source project (sources s0..s19, connectors conn
    unreachable for the receiver only. Halfway through that round's deliveries the receiver is
    killed with SIGKILL and started again on the same port and outbox file.
 3. Rounds after the outage's first run during it; the last round (with 3 or more rounds) waits
-   for the API to come back. Then: the receiver's /healthz reports nothing pending, every
-   accepted event is in Prefect, every flow run is final and no new one appears for ``--quiet``
-   seconds.
-4. Figures and invariants: every delivery accepted, every accepted event forwarded (outbox, read
+   for the API to come back.
+4. The server kill (unless ``--no-server-kill``), one more round: every source lands, every
+   sync's first delivery is accepted and forwarded, then, with its redeliveries arriving, the
+   Prefect server's process group is SIGKILLed and started again on the same port and SQLite
+   database. No new event follows the restart (redeliveries are duplicates), so what Prefect
+   held of the burst must come back from its database, postload's catch-up event or the sweep.
+   The suite waits until every source of that round is covered and times it from the restart.
+5. Then: the receiver's /healthz reports nothing pending, every accepted event is in Prefect,
+   every due flow run is final and no new one appears for ``--quiet`` seconds.
+6. Figures and invariants: every delivery accepted, every accepted event forwarded (outbox, read
    directly) and stored by Prefect (lost = 0), no failed run, every source's latest load covered
-   by a successful transform, no load transformed twice. Exit 1 when an invariant fails.
+   by a successful transform, no load transformed twice; for the server kill: the round's events
+   in Prefect or the outbox, every source pending at the kill covered, within one sweep of the
+   restart. Exit 1 when an invariant fails.
 
-The Prefect server is a ``prefect_test_harness`` subprocess. Nothing leaves the machine. Work
-files go to ``bench/.work/faults-*`` (git-ignored; removed unless ``--keep``).
+The Prefect server is ``prefect server start`` on loopback with its own ``PREFECT_HOME``, run with
+the local stack's settings (``postload.local.stack.LOCAL_SERVER_SETTINGS``). Nothing leaves the
+machine. Work files go to ``bench/.work/faults-*`` (git-ignored; removed unless ``--keep``).
 
-    .venv/bin/python tests/system/faults.py [--quick] [--outage 60] [--keep]
+    .venv/bin/python tests/system/faults.py [--quick] [--outage 60] [--sweep 120] [--keep]
 
 ``make faults`` runs the full suite, ``make faults-quick`` the short one (what CI runs). Not named
 ``test_*.py``: pytest does not collect it.

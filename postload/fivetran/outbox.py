@@ -148,8 +148,7 @@ class Outbox:
         """Remember that the API is unreachable since ``since``, unless an outage is already
         recorded (its start is kept); returns the start of the recorded outage."""
         self._db.execute(
-            "insert or ignore into receiver_state (key, value) "
-            "values ('api_unreachable_since', ?)",
+            "insert or ignore into receiver_state (key, value) values ('api_unreachable_since', ?)",
             (since,),
         )
         recorded = self.api_unreachable_since()

@@ -155,13 +155,24 @@ class Outbox:
         assert recorded is not None
         return recorded
 
-    def end_outage(self, event_id: str, event_json: str) -> bool:
-        """Queue the outage's catch-up event and forget the outage, in one transaction.
+    def end_outage(
+        self, event_id: str, event_json: str, *, resend_forwarded_since: str | None = None
+    ) -> tuple[bool, int]:
+        """Queue the outage's catch-up event and forget the outage, in one transaction; with
+        ``resend_forwarded_since``, make the events forwarded since then pending again.
 
-        False when that event id is already stored (an outage ended twice): never queued twice.
+        Returns whether the catch-up event was queued (False when that id is already stored: an
+        outage ended twice) and how many forwarded events are pending again.
         """
         self._db.execute("begin immediate")
         try:
+            resent = 0
+            if resend_forwarded_since is not None:
+                resent = self._db.execute(
+                    "update outbox set forwarded_at = null "
+                    "where forwarded_at >= ? and rejected_at is null",
+                    (resend_forwarded_since,),
+                ).rowcount
             cur = self._db.execute(
                 "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",
                 (event_id, event_json, _utcnow()),
@@ -171,7 +182,7 @@ class Outbox:
         except BaseException:
             self._rollback()
             raise
-        return cur.rowcount == 1
+        return cur.rowcount == 1, resent
 
     def counts(self) -> OutboxCounts:
         pending, forwarded, rejected, oldest = self._db.execute(

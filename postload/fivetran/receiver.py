@@ -19,6 +19,10 @@ failing (a forward, or the health probe sent every ``api_probe_seconds`` while i
 queues one ``postload.catch-up`` event for that outage; its id comes from the outage's start,
 kept in the outbox file, so it is queued once even across a receiver restart. transform-on-sync's
 ``on-catch-up`` trigger turns it into one run that builds what the warehouse says is pending.
+The events forwarded in the ``RESEND_BEFORE_OUTAGE`` before the outage began are sent again
+ahead of it: a server killed right after answering 204 never stored them (measured: a whole
+burst's 20 events). Prefect stores an event id once; a server that did not restart remembers
+the ids its triggers saw, and one that did fires them again, for runs that find their data built.
 
 Run it with ``postload receiver`` (settings: ``POSTLOAD_RECEIVER_*``, the secret from
 ``POSTLOAD_FIVETRAN_WEBHOOK_SECRET`` or a Prefect Secret block; see ``postload.config``).
@@ -99,6 +103,10 @@ PRUNE_EVERY_SECONDS = 3600.0
 # ran into (a server restart right after the last events went out) still ends in a catch-up event.
 API_PROBE_SECONDS = 10.0
 CATCH_UP_EVENT = "postload.catch-up"
+# Events forwarded this long before an outage was noticed may have been answered 204 by a server
+# that died before storing them: the probe interval, the event persister's flush interval
+# (Prefect's default 5 s) and its queue under load, with room to spare.
+RESEND_BEFORE_OUTAGE = timedelta(seconds=60)
 # After an oversized body is refused, up to this much more is read and discarded so the client
 # can read the 413 (closing a socket with unread input sends a TCP reset, which can destroy the
 # response before the client reads it). Beyond it the connection is simply dropped.
@@ -478,7 +486,12 @@ class Receiver:
         if since is None:
             return
         event = catch_up_event(since, datetime.now(UTC))
-        queued = self.outbox.end_outage(event["id"], json.dumps(event, separators=(",", ":")))
+        resend_since = datetime.fromisoformat(since) - RESEND_BEFORE_OUTAGE
+        queued, resent = self.outbox.end_outage(
+            event["id"],
+            json.dumps(event, separators=(",", ":")),
+            resend_forwarded_since=resend_since.isoformat(timespec="microseconds"),
+        )
         self.api_unreachable_since = None
         _log(
             logging.INFO,
@@ -486,6 +499,7 @@ class Receiver:
             since=since,
             event_id=event["id"],
             queued=queued,
+            resent=resent,
         )
         self._wake.set()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def test_one_catch_up_event_per_outage(tmp_path: Path) -> None:
             api.up = True
             assert await r.probe_api_once()
             await drain(r)
-            assert len(api.catch_ups()) == 2
+            # (the first one is among the events sent again: forwarded just before this outage)
             assert len({e["id"] for e in api.catch_ups()}) == 2
         finally:
             await r.aclose()
@@ -143,11 +144,51 @@ def test_the_same_outage_never_queues_two_catch_up_events(tmp_path: Path) -> Non
         since = r.outbox.mark_api_unreachable("2026-12-04T22:00:00+00:00")
         assert r.outbox.mark_api_unreachable("2026-12-04T22:00:05+00:00") == since
         event = catch_up_event(since, _now())
-        assert r.outbox.end_outage(event["id"], json.dumps(event))
-        assert not r.outbox.end_outage(event["id"], json.dumps(event))
+        assert r.outbox.end_outage(event["id"], json.dumps(event)) == (True, 0)
+        assert r.outbox.end_outage(event["id"], json.dumps(event)) == (False, 0)
         assert r.outbox.counts().pending == 1
     finally:
         asyncio.run(r.aclose())
+
+
+def test_events_forwarded_just_before_an_outage_are_sent_again_once(tmp_path: Path) -> None:
+    """A server SIGKILLed right after answering 204 may not have stored them."""
+    api = FakeApi()
+    outbox = tmp_path / "outbox.sqlite3"
+
+    async def scenario() -> None:
+        r = receiver(outbox)
+        try:
+            old, recent = (
+                "00000000-0000-0000-0000-00000000000a",
+                "00000000-0000-0000-0000-00000000000b",
+            )
+            record(r, old)
+            record(r, recent)
+            await drain(r)
+            with sqlite3.connect(outbox) as db:  # forwarded well before the outage
+                db.execute(
+                    "update outbox set forwarded_at = '2026-01-01T00:00:00.000000+00:00' "
+                    "where id = ?",
+                    (old,),
+                )
+            api.up = False
+            assert not await r.probe_api_once()
+            api.up = True
+            assert await r.probe_api_once()
+            await drain(r)
+            assert await r.probe_api_once()
+            await drain(r)
+        finally:
+            await r.aclose()
+        ids = [e["id"] for e in api.sent]
+        assert ids.count(recent) == 2 and ids.count(old) == 1
+        assert len(api.catch_ups()) == 1
+        assert ids.index(recent, 2) < ids.index(api.catch_ups()[0]["id"])  # resent first
+
+    with respx.mock() as mock:
+        api.install(mock)
+        asyncio.run(scenario())
 
 
 def _now() -> Any:

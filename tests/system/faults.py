@@ -802,7 +802,13 @@ class Faults:
             "select source, covers_loaded_at, completed_at, flow_run_id from ops.transform_runs "
             "where status in ('success', 'nothing_selected')",
         )
-        reason = {str(r.id): (r.parameters or {}).get("reason", "sweep") for r in runs}
+        # A run created before the kill was recovered from Prefect's database; one created after
+        # the restart was woken by something sent or scheduled after it.
+        reason = {
+            str(r.id): f"{(r.parameters or {}).get('reason', 'sweep')} (created "
+            + ("before the kill)" if r.created < self.kill["killed_at"] else "after it)")
+            for r in runs
+        }
         first: dict[str, tuple[datetime, str]] = {}
         for source, covers, completed, run_id in rows:
             if (

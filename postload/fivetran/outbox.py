@@ -155,11 +155,18 @@ class Outbox:
         assert recorded is not None
         return recorded
 
+    def forwarded_since(self, since: str) -> list[str]:
+        """Ids of the events forwarded at or after ``since`` (UTC ISO-8601)."""
+        rows = self._db.execute(
+            "select id from outbox where forwarded_at >= ? and rejected_at is null", (since,)
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def end_outage(
-        self, event_id: str, event_json: str, *, resend_forwarded_since: str | None = None
+        self, event_id: str, event_json: str, *, resend: list[str] | None = None
     ) -> tuple[bool, int]:
-        """Queue the outage's catch-up event and forget the outage, in one transaction; with
-        ``resend_forwarded_since``, make the events forwarded since then pending again.
+        """Queue the outage's catch-up event and forget the outage, in one transaction; the
+        forwarded events ``resend`` are made pending again.
 
         Returns whether the catch-up event was queued (False when that id is already stored: an
         outage ended twice) and how many forwarded events are pending again.
@@ -167,11 +174,10 @@ class Outbox:
         self._db.execute("begin immediate")
         try:
             resent = 0
-            if resend_forwarded_since is not None:
-                resent = self._db.execute(
-                    "update outbox set forwarded_at = null "
-                    "where forwarded_at >= ? and rejected_at is null",
-                    (resend_forwarded_since,),
+            for resend_id in resend or []:
+                resent += self._db.execute(
+                    "update outbox set forwarded_at = null where id = ? and rejected_at is null",
+                    (resend_id,),
                 ).rowcount
             cur = self._db.execute(
                 "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",

@@ -529,7 +529,7 @@ class Receiver:
                     # the store's default window is recent; these ids are found in any
                     "occurred": {"since": "2000-01-01T00:00:00+00:00", "until": until},
                 },
-                "limit": 200,
+                "limit": 50,  # the API's maximum page; next_page has the rest
             }
             response = await self._client.post("/events/filter", json=body)
             while True:

@@ -35,7 +35,10 @@ class FakeApi:
     def _filter(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
             raise httpx.ConnectError("connection refused", request=request)
-        wanted = set(json.loads(request.content)["filter"]["id"]["id"])
+        body = json.loads(request.content)
+        if body.get("limit", 10) > 50:  # as Prefect's API answers
+            return httpx.Response(422, json={"loc": ["body", "limit"]})
+        wanted = set(body["filter"]["id"]["id"])
         stored = {e["id"] for e in self.sent} - self.lost
         events = [{"id": i} for i in sorted(wanted & stored)]
         return httpx.Response(200, json={"events": events, "next_page": None})

@@ -58,6 +58,12 @@ class Outbox:
             );
             create index if not exists outbox_pending on outbox (received_at)
                 where forwarded_at is null and rejected_at is null;
+            -- The receiver's own state that must survive a restart: api_unreachable_since, the
+            -- start of the current outage of the Prefect API (what the catch-up event is keyed on).
+            create table if not exists receiver_state (
+                key text primary key,
+                value text not null
+            );
             """
         )
 
@@ -130,6 +136,59 @@ class Outbox:
             "where id = ?",
             [(_utcnow(), error, event_id)],
         )
+
+    def api_unreachable_since(self) -> str | None:
+        """When the current outage of the Prefect API began (UTC ISO-8601), or None."""
+        row = self._db.execute(
+            "select value from receiver_state where key = 'api_unreachable_since'"
+        ).fetchone()
+        return row[0] if row else None
+
+    def mark_api_unreachable(self, since: str) -> str:
+        """Remember that the API is unreachable since ``since``, unless an outage is already
+        recorded (its start is kept); returns the start of the recorded outage."""
+        self._db.execute(
+            "insert or ignore into receiver_state (key, value) values ('api_unreachable_since', ?)",
+            (since,),
+        )
+        recorded = self.api_unreachable_since()
+        assert recorded is not None
+        return recorded
+
+    def forwarded_since(self, since: str) -> list[str]:
+        """Ids of the events forwarded at or after ``since`` (UTC ISO-8601)."""
+        rows = self._db.execute(
+            "select id from outbox where forwarded_at >= ? and rejected_at is null", (since,)
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def end_outage(
+        self, event_id: str, event_json: str, *, resend: list[str] | None = None
+    ) -> tuple[bool, int]:
+        """Queue the outage's catch-up event and forget the outage, in one transaction; the
+        forwarded events ``resend`` are made pending again.
+
+        Returns whether the catch-up event was queued (False when that id is already stored: an
+        outage ended twice) and how many forwarded events are pending again.
+        """
+        self._db.execute("begin immediate")
+        try:
+            resent = 0
+            for resend_id in resend or []:
+                resent += self._db.execute(
+                    "update outbox set forwarded_at = null where id = ? and rejected_at is null",
+                    (resend_id,),
+                ).rowcount
+            cur = self._db.execute(
+                "insert or ignore into outbox (id, event, received_at) values (?, ?, ?)",
+                (event_id, event_json, _utcnow()),
+            )
+            self._db.execute("delete from receiver_state where key = 'api_unreachable_since'")
+            self._db.execute("commit")
+        except BaseException:
+            self._rollback()
+            raise
+        return cur.rowcount == 1, resent
 
     def counts(self) -> OutboxCounts:
         pending, forwarded, rejected, oldest = self._db.execute(

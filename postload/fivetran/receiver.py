@@ -13,6 +13,18 @@ it to a local SQLite file *before* answering 202. A background forwarder drains 
 deterministic, so a redelivery is a duplicate row (ignored here) and a duplicate event (ignored by
 Prefect's event store and trigger service), never a second dbt run.
 
+Catch-up: a Prefect server that restarts loses what it held in memory (events it answered 204 for
+but had not stored or evaluated, automation actions not yet run). When the API answers again after
+failing (a forward, or the health probe sent every ``api_probe_seconds`` while idle), the receiver
+queues one ``postload.catch-up`` event for that outage; its id comes from the outage's start,
+kept in the outbox file, so it is queued once even across a receiver restart. transform-on-sync's
+``on-catch-up`` trigger turns it into one run that builds what the warehouse says is pending.
+Of the events forwarded in the ``RESEND_BEFORE_OUTAGE`` before the outage began, those Prefect's
+event store does not hold are sent again ahead of it: a server killed right after answering 204
+never stored them (measured: a whole burst's 20 events). Only those: Prefect 3.9.1's SQLite event
+persister fails a flush whose batch holds only events it already stored, and drops every event
+of that flush (measured: 412, 13 of them new).
+
 Run it with ``postload receiver`` (settings: ``POSTLOAD_RECEIVER_*``, the secret from
 ``POSTLOAD_FIVETRAN_WEBHOOK_SECRET`` or a Prefect Secret block; see ``postload.config``).
 
@@ -40,6 +52,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import NAMESPACE_URL, uuid5
 
 import httpx
 from pydantic import ValidationError
@@ -58,6 +71,7 @@ from postload.fivetran.webhook import (
 )
 
 __all__ = [
+    "CATCH_UP_EVENT",
     "FORWARD_BATCH_SIZE",
     "MAX_BODY_BYTES",
     "ForwardError",
@@ -65,6 +79,7 @@ __all__ = [
     "Outbox",
     "OutboxCounts",
     "Receiver",
+    "catch_up_event",
     "create_app",
     "serve",
 ]
@@ -85,6 +100,14 @@ RETENTION = timedelta(days=7)
 # on a full disk to matter, short next to Fivetran's 24 h of retries.
 OUTBOX_UNWRITABLE_RETRY_AFTER_SECONDS = 60
 PRUNE_EVERY_SECONDS = 3600.0
+# While nothing is pending, the API's health is checked this often, so an outage that no forward
+# ran into (a server restart right after the last events went out) still ends in a catch-up event.
+API_PROBE_SECONDS = 10.0
+CATCH_UP_EVENT = "postload.catch-up"
+# Events forwarded this long before an outage was noticed may have been answered 204 by a server
+# that died before storing them: the probe interval, the event persister's flush interval
+# (Prefect's default 5 s) and its queue under load, with room to spare.
+RESEND_BEFORE_OUTAGE = timedelta(seconds=60)
 # After an oversized body is refused, up to this much more is read and discarded so the client
 # can read the 413 (closing a socket with unread input sends a TCP reset, which can destroy the
 # response before the client reads it). Beyond it the connection is simply dropped.
@@ -140,6 +163,7 @@ class Receiver:
         backoff_max: float = BACKOFF_MAX_SECONDS,
         forward_timeout: float = 10.0,
         retention: timedelta = RETENTION,
+        api_probe_seconds: float | None = API_PROBE_SECONDS,
     ) -> None:
         if not secret:
             raise ValueError("the Fivetran webhook secret is empty: refusing to accept unsigned")
@@ -155,6 +179,7 @@ class Receiver:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.retention = retention
+        self.api_probe_seconds = api_probe_seconds
         self.last_forward_error: str | None = None
         # Why the last event could not be stored (healthz), until one is stored again.
         self.last_record_error: str | None = None
@@ -166,6 +191,10 @@ class Receiver:
         # and GIL hand-offs per request); the occasional checkpoint fsync stalls the loop for a
         # few milliseconds, which the requests would have waited for anyway.
         self.outbox = Outbox(self.outbox_path)
+        # The start of the current outage of the API (UTC ISO-8601), None while it answers.
+        self.api_unreachable_since = self.outbox.api_unreachable_since()
+        # The start of an outage the API has answered since, whose end is not yet queued.
+        self._outage_to_end: str | None = None
         self._client = httpx.AsyncClient(
             base_url=self.prefect_api_url,
             headers={
@@ -361,6 +390,7 @@ class Receiver:
             "oldest_pending_age_seconds": age,
             "last_forward_error": self.last_forward_error,
             "forward_requests": self.forward_requests,
+            "api_unreachable_since": self.api_unreachable_since,
         }
         _log_request(request, 200, started)
         return JSONResponse(body)
@@ -404,6 +434,8 @@ class Receiver:
         ``last_error`` updated.
         """
         async with self._forward_lock:
+            if self._outage_to_end is not None:
+                await self._end_outage(self._outage_to_end)
             rows = _cut_at_bytes(self.outbox.pending(self.batch_size), FORWARD_BATCH_BYTES)
             if not rows:
                 return 0
@@ -419,7 +451,12 @@ class Receiver:
         try:
             response = await self._client.post("/events", content=content.encode("utf-8"))
         except httpx.HTTPError as exc:
+            self._api_unreachable()
             raise self._forward_failed(ids, f"{type(exc).__name__}: {exc}") from None
+        if response.status_code >= 500:
+            self._api_unreachable()
+        else:
+            self._api_reachable()
         if response.is_success:
             self.outbox.mark_forwarded(ids)
             return len(ids)
@@ -442,6 +479,80 @@ class Receiver:
             return 1
         error = f"HTTP {response.status_code}: {_snippet(response.text)}"
         raise self._forward_failed(ids, error)
+
+    def _api_unreachable(self) -> None:
+        if self.api_unreachable_since is None:
+            self.api_unreachable_since = self.outbox.mark_api_unreachable(_now_iso())
+            _log(logging.WARNING, "prefect api unreachable", since=self.api_unreachable_since)
+
+    def _api_reachable(self) -> None:
+        """The API answered: if it was unreachable, that outage's end is queued next pass."""
+        if self.api_unreachable_since is None:
+            return
+        self._outage_to_end = self.api_unreachable_since
+        self.api_unreachable_since = None
+        self._wake.set()
+
+    async def _end_outage(self, since: str) -> None:
+        """Queue the outage's catch-up event, and again the events forwarded just before it
+        that Prefect did not store. On an error the outage stays recorded: tried next pass."""
+        start = datetime.fromisoformat(since) - RESEND_BEFORE_OUTAGE
+        recent = self.outbox.forwarded_since(start.isoformat(timespec="microseconds"))
+        try:
+            stored = await self._stored_event_ids(recent)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            _log(logging.WARNING, "could not read prefect's events", error=str(exc))
+            return
+        missing = [event_id for event_id in recent if event_id not in stored]
+        event = catch_up_event(since, datetime.now(UTC))
+        queued, resent = self.outbox.end_outage(
+            event["id"], json.dumps(event, separators=(",", ":")), resend=missing
+        )
+        self._outage_to_end = None
+        _log(
+            logging.INFO,
+            "prefect api reachable again: catch-up event queued",
+            since=since,
+            event_id=event["id"],
+            queued=queued,
+            resent=resent,
+        )
+
+    async def _stored_event_ids(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` Prefect's event store holds (POST /events/filter, by id)."""
+        stored: set[str] = set()
+        until = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+        for i in range(0, len(ids), 200):
+            body = {
+                "filter": {
+                    "id": {"id": ids[i : i + 200]},
+                    # the store's default window is recent; these ids are found in any
+                    "occurred": {"since": "2000-01-01T00:00:00+00:00", "until": until},
+                },
+                "limit": 50,  # the API's maximum page; next_page has the rest
+            }
+            response = await self._client.post("/events/filter", json=body)
+            while True:
+                response.raise_for_status()
+                page = response.json()
+                stored |= {str(event["id"]) for event in page["events"]}
+                if not page.get("next_page"):
+                    break
+                response = await self._client.get(page["next_page"])
+        return stored
+
+    async def probe_api_once(self) -> bool:
+        """GET {api}/health; True when the API answered (any status below 500)."""
+        try:
+            response = await self._client.get("/health")
+        except httpx.HTTPError:
+            self._api_unreachable()
+            return False
+        if response.status_code >= 500:
+            self._api_unreachable()
+            return False
+        self._api_reachable()
+        return True
 
     def _forward_failed(self, ids: list[str], error: str) -> ForwardError:
         """Record a failed attempt on the rows; returns the error for the caller to raise."""
@@ -479,7 +590,14 @@ class Receiver:
             self._maybe_prune()
             if handled:
                 continue  # more may be waiting: go again until a pass finds nothing
-            await self._wake.wait()
+            if self.api_probe_seconds is None:
+                await self._wake.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.api_probe_seconds)
+            except TimeoutError:
+                with suppress(Exception):  # a probe that fails is recorded, never fatal
+                    await self.probe_api_once()
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()
@@ -488,6 +606,28 @@ class Receiver:
         self._next_prune = now + PRUNE_EVERY_SECONDS
         with suppress(sqlite3.Error):
             self.outbox.prune(datetime.now(UTC) - self.retention)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def catch_up_event(api_unreachable_since: str, reachable_at: datetime) -> dict[str, Any]:
+    """The Prefect event that asks for a catch-up run after an outage of the API that began at
+    ``api_unreachable_since``: one id per outage (from its start), so sent once."""
+    return {
+        "id": str(uuid5(NAMESPACE_URL, f"postload:catch-up:{api_unreachable_since}")),
+        "occurred": reachable_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "event": CATCH_UP_EVENT,
+        "resource": {
+            "prefect.resource.id": "postload.receiver",
+            "prefect.resource.name": "postload receiver",
+        },
+        "payload": {
+            "api_unreachable_since": api_unreachable_since,
+            "api_reachable_at": reachable_at.astimezone(UTC).isoformat(timespec="seconds"),
+        },
+    }
 
 
 def _cut_at_bytes(rows: list[tuple[str, str]], limit: int) -> list[tuple[str, str]]:

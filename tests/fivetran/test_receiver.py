@@ -508,7 +508,10 @@ def test_unreachable_prefect_loses_nothing(
     for connector in connectors:
         wait_for_events(prefect_server, "fivetran.sync.succeeded", connector)
     wait_until(lambda: up.health()["pending"] == 0, "the outbox to drain")
-    assert up.health()["forwarded"] == 3
+    # The three events, and the one postload.catch-up event of the outage the first process saw.
+    assert up.health()["forwarded"] == 4
+    events = [json.loads(row["event"]) for row in outbox_rows(outbox)]
+    assert [e["event"] for e in events].count("postload.catch-up") == 1
 
 
 def test_kill_9_after_ack_loses_nothing(

@@ -1,10 +1,14 @@
-"""Prove it under faults: a burst of signed webhooks, a receiver SIGKILL and a Prefect API outage.
+"""Prove it under faults: a burst of signed webhooks, a receiver SIGKILL, a Prefect API outage
+and a Prefect server SIGKILL.
 
 A system test, not a benchmark: CI runs ``make faults-quick`` and fails when an invariant does.
 The real path, every part a separate process on loopback (started with bench/sync.py's helpers)::
 
     signed POSTs ──> receiver (outbox) ──> fault proxy ──> Prefect API /events ──> trigger
         ──> transform-on-sync run (`postload serve`, talks to the API directly) ──> dbt (DuckDB)
+
+`postload serve` serves prefect.yaml's transform-on-sync (its triggers as they are) with the
+sweep every ``--sweep`` seconds instead of 15 minutes.
 
 On bench/sync.py's generated 20-source project (sources s0..s19, connectors conn_s0..conn_s19):
 
@@ -18,17 +22,26 @@ On bench/sync.py's generated 20-source project (sources s0..s19, connectors conn
    unreachable for the receiver only. Halfway through that round's deliveries the receiver is
    killed with SIGKILL and started again on the same port and outbox file.
 3. Rounds after the outage's first run during it; the last round (with 3 or more rounds) waits
-   for the API to come back. Then: the receiver's /healthz reports nothing pending, every
-   accepted event is in Prefect, every flow run is final and no new one appears for ``--quiet``
-   seconds.
-4. Figures and invariants: every delivery accepted, every accepted event forwarded (outbox, read
+   for the API to come back.
+4. The server kill (unless ``--no-server-kill``), one more round: every source lands, every
+   sync's first delivery is accepted and forwarded, then, with its redeliveries arriving, the
+   Prefect server's process group is SIGKILLed and started again on the same port and SQLite
+   database. No new event follows the restart (redeliveries are duplicates), so what Prefect
+   held of the burst must come back from its database, postload's catch-up event or the sweep.
+   The suite waits until every source of that round is covered and times it from the restart.
+5. Then: the receiver's /healthz reports nothing pending, every accepted event is in Prefect,
+   every due flow run is final and no new one appears for ``--quiet`` seconds.
+6. Figures and invariants: every delivery accepted, every accepted event forwarded (outbox, read
    directly) and stored by Prefect (lost = 0), no failed run, every source's latest load covered
-   by a successful transform, no load transformed twice. Exit 1 when an invariant fails.
+   by a successful transform, no load transformed twice; for the server kill: the round's events
+   in Prefect or the outbox, every source pending at the kill covered, within one sweep of the
+   restart. Exit 1 when an invariant fails.
 
-The Prefect server is a ``prefect_test_harness`` subprocess. Nothing leaves the machine. Work
-files go to ``bench/.work/faults-*`` (git-ignored; removed unless ``--keep``).
+The Prefect server is ``prefect server start`` on loopback with its own ``PREFECT_HOME``, run with
+the local stack's settings (``postload.local.stack.LOCAL_SERVER_SETTINGS``). Nothing leaves the
+machine. Work files go to ``bench/.work/faults-*`` (git-ignored; removed unless ``--keep``).
 
-    .venv/bin/python tests/system/faults.py [--quick] [--outage 60] [--keep]
+    .venv/bin/python tests/system/faults.py [--quick] [--outage 60] [--sweep 120] [--keep]
 
 ``make faults`` runs the full suite, ``make faults-quick`` the short one (what CI runs). Not named
 ``test_*.py``: pytest does not collect it.
@@ -38,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -66,6 +80,8 @@ ROOT = sync.ROOT  # the repository root
 EVENT = "fivetran.sync.succeeded"
 SETTLE_TIMEOUT = 1200.0
 ACTION_GRACE = 60.0
+SERVER_START_TIMEOUT = 240.0
+CATCH_UP = "postload.catch-up"
 
 
 def log(message: str) -> None:
@@ -181,6 +197,94 @@ class Proxy:
 
         self._loop.call_soon_threadsafe(go)
         self._thread.join(10)
+
+
+# --- the Prefect server ----------------------------------------------------------------------
+
+
+class PrefectServer:
+    """``prefect server start`` on a fixed loopback port with its SQLite database in ``home``,
+    run as ``postload stack`` runs its own (``LOCAL_SERVER_SETTINGS``), in a session of its own
+    so that ``kill()`` SIGKILLs the whole process group and ``start()`` again reuses port and
+    database."""
+
+    def __init__(self, work: Path) -> None:
+        from postload.local.stack import LOCAL_SERVER_SETTINGS, free_port
+
+        self.home = work / "prefect-home"
+        self.home.mkdir(parents=True)
+        self.port = free_port()  # below the ephemeral range: nothing else takes it meanwhile
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.work = work
+        self.starts = 0
+        self.proc: Any = None
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")},
+            **{k: os.environ.get(k, v) for k, v in LOCAL_SERVER_SETTINGS.items()},
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+
+    def start(self) -> float:
+        """Start the server and wait for its health check; returns the seconds it took."""
+        import subprocess
+
+        self.starts += 1
+        started = time.monotonic()
+        with (self.work / f"prefect-server-{self.starts}.log").open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--analytics-off",
+                ],
+                cwd=self.work,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = started + SERVER_START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                log_file = self.work / f"prefect-server-{self.starts}.log"
+                raise RuntimeError(f"the Prefect server exited:\n{log_file.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Prefect server is not healthy after {SERVER_START_TIMEOUT} s"
+                )
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process of its group: nothing gets to flush."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+            with contextlib.suppress(Exception):
+                self.proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 # --- signed deliveries -----------------------------------------------------------------------
@@ -360,19 +464,61 @@ def deployment_runs(deployment_id: uuid.UUID) -> list[Any]:
                 return runs
 
 
+def served_prefect_yaml(work: Path, sweep: float) -> Path:
+    """prefect.yaml as it is (triggers included) but transform-on-sync's sweep every ``sweep`` s
+    instead of 15 min; entrypoints made absolute (serve resolves them against the file's folder)."""
+    import yaml
+
+    document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for entry in document["deployments"]:
+        entry["entrypoint"] = str(ROOT / entry["entrypoint"])
+        if entry["name"] == sync.DEPLOYMENT:
+            entry["schedules"] = [{"interval": sweep, "active": True}]
+    path = work / "prefect.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def naive_utc(moment: datetime) -> datetime:
+    """What the warehouse's timestamps are: naive UTC."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def due_runs(runs: list[Any]) -> list[Any]:
+    """The runs that are not the sweep's future runs (scheduled, not yet due)."""
+    now = datetime.now(UTC)
+    return [
+        r
+        for r in runs
+        if not (
+            r.state is not None
+            and r.state.type.value == "SCHEDULED"
+            and r.expected_start_time is not None
+            and r.expected_start_time > now
+        )
+    ]
+
+
 def land(home: Path, source: str, batch: int) -> None:
     """What a Fivetran sync does (``sync.land`` takes the writer lock, so runs may be building)."""
     sync.land(home, source, batch, generated=True)
 
 
 def warehouse_query(home: Path, sql: str, params: list[Any] | None = None) -> list[tuple]:
-    """sync.query, retried while a writer (a late flow run) holds the DuckDB file."""
+    """sync.query inside the warehouse-writer slot, retried while the DuckDB file is busy.
+
+    In the slot: a read-only connection open in this process makes a flow run's write
+    connection fail ("Could not set lock"), so reads taken while runs go on must queue with them.
+    """
     import duckdb
+
+    from postload.config import Settings
 
     deadline = time.monotonic() + 120
     while True:
         try:
-            return sync.query(home, sql, params)
+            with sync._writer(Settings(project_dir=home)):
+                return sync.query(home, sql, params)
         except duckdb.IOException:
             if time.monotonic() > deadline:
                 raise
@@ -383,10 +529,11 @@ def warehouse_query(home: Path, sql: str, params: list[Any] | None = None) -> li
 
 
 class Faults:
-    def __init__(self, args: argparse.Namespace, work: Path, api_url: str) -> None:
+    def __init__(self, args: argparse.Namespace, work: Path, server: PrefectServer) -> None:
         self.args = args
         self.work = work
-        self.api_url = api_url
+        self.server = server
+        self.api_url = api_url = server.url
         self.home = sync.generated_home(work / "gen", args.connectors)
         self.outbox = self.home / ".postload" / "receiver-outbox.sqlite3"
         self.proxy = Proxy(api_url)
@@ -407,6 +554,8 @@ class Faults:
         self.outage_started: float | None = None
         self.outage_ended: float | None = None
         self.since = datetime.now(UTC)
+        # The server kill: what it left pending and how the warehouse caught up.
+        self.kill: dict[str, Any] = {}
 
     # processes
 
@@ -453,9 +602,19 @@ class Faults:
         log(f"bootstrap: first load and build of {len(names)} sources (not timed)")
         sync.bootstrap(self.home, names, generated=True)
 
+        # The sweep is the safety net the server kill is measured against: short here.
+        deployments = served_prefect_yaml(self.work, args.sweep)
         self.serve = sync.Proc(
             "serve",
-            [sync.POSTLOAD, "serve", "--only", sync.DEPLOYMENT, "--no-schedules", "--warm"],
+            [
+                sync.POSTLOAD,
+                "serve",
+                "--only",
+                sync.DEPLOYMENT,
+                "--warm",
+                "--prefect-yaml",
+                str(deployments),
+            ],
             self.serve_env,
             self.work,
         )
@@ -519,9 +678,13 @@ class Faults:
                 )
                 for proc in self.procs():
                     proc.alive()
-            burst_end = time.monotonic()
             if timer is not None:
                 timer.join()
+            if args.server_kill:
+                if self.outage_ended is None:
+                    self.end_outage()
+                deliveries += self._server_round(args.rounds, names, poster)
+            burst_end = time.monotonic()
         finally:
             if timer is not None:
                 timer.cancel()
@@ -538,6 +701,8 @@ class Faults:
         in_prefect = self._wait_events(accepted_ids, since)
         log("waiting for every flow run to be final and no new one to appear")
         runs = self._settle(deployment_id, known)
+        if args.server_kill:
+            self._attribute_recovery(runs)
         settled = time.monotonic()
         load_end = os.getloadavg()
         return self._report(
@@ -553,6 +718,127 @@ class Faults:
             },
             load=(load_start, load_end),
         )
+
+    # --- the server kill ---
+
+    def _server_round(self, round_no: int, names: list[str], poster: Poster) -> list[Delivery]:
+        """A round whose burst the Prefect server dies in, with its database kept.
+
+        Every source lands and every sync's first delivery is accepted and forwarded; then, with
+        the redeliveries still arriving, the server is SIGKILLed and started again on the same
+        port and database. The redeliveries are duplicates the receiver does not forward again,
+        so no new event follows the restart: whatever Prefect held of the burst (events not yet
+        stored or evaluated, actions not yet run) is recovered by the server from its database,
+        by postload's catch-up, or by the sweep, and the suite measures which and how fast.
+        """
+        args = self.args
+        t0 = time.monotonic()
+        for name in names:
+            land(self.home, name, round_no + 2)
+        loaded = {
+            n: warehouse_query(self.home, f"select max(_loaded_at) from raw.t{n[1:]}")[0][0]
+            for n in names
+        }
+        syncs = [new_sync(f"conn_{name}") for name in names]
+        first = [poster.submit(s, round_no) for s in syncs]
+        wait(first)
+        self._wait_drained()  # every sync's event is now Prefect's alone
+        redeliveries = [s for s in syncs for _ in range(args.deliveries - 1)]
+        random.shuffle(redeliveries)
+        rest = [poster.submit(s, round_no) for s in redeliveries]
+        self.server.kill()
+        killed_at = datetime.now(UTC)
+        killed = time.monotonic()
+        log(
+            f"Prefect server SIGKILLed {killed - t0:.1f} s into round {round_no + 1}, "
+            f"{len(rest)} redeliveries in flight"
+        )
+        self.server.start()
+        restarted_at = datetime.now(UTC)
+        self.kill.update(
+            killed_at=killed_at,
+            restarted_at=restarted_at,
+            down_s=time.monotonic() - killed,
+            loaded=loaded,
+            event_ids={s.event_id for s in syncs},
+        )
+        log(f"Prefect server restarted on its database, healthy after {self.kill['down_s']:.1f} s")
+        wait(rest)
+        out = [f.result() for f in first + rest]
+        log(
+            f"round {round_no + 1} (server kill): {sum(d.accepted for d in out)}/{len(out)} "
+            f"deliveries accepted, {time.monotonic() - t0:.1f} s"
+        )
+        # Bounded: three sweeps after the restart, every source must be covered (a sweep alone
+        # covers them in one); the invariant is one sweep.
+        deadline = time.monotonic() + 3 * args.sweep + 120
+        while self._uncovered_since(loaded):
+            for proc in self.procs():
+                proc.alive()
+            if time.monotonic() > deadline:
+                log("sources still pending three sweeps after the restart")
+                break
+            time.sleep(2)
+        return out
+
+    def _uncovered_since(self, loaded: dict[str, Any]) -> list[str]:
+        """Sources whose load ``loaded[source]`` no successful transform covers yet."""
+        covered = dict(
+            warehouse_query(
+                self.home,
+                "select source, max(covers_loaded_at) from ops.transform_runs "
+                "where status in ('success', 'nothing_selected') group by source",
+            )
+        )
+        return [n for n, at in loaded.items() if covered.get(n) is None or covered[n] < at]
+
+    def _attribute_recovery(self, runs: list[Any]) -> None:
+        """When, and by which runs, each source loaded in the server round was covered."""
+        loaded: dict[str, Any] = self.kill["loaded"]
+        restarted = naive_utc(self.kill["restarted_at"])
+        killed = naive_utc(self.kill["killed_at"])
+        rows = warehouse_query(
+            self.home,
+            "select source, covers_loaded_at, completed_at, flow_run_id from ops.transform_runs "
+            "where status in ('success', 'nothing_selected')",
+        )
+        # A run created before the kill was recovered from Prefect's database; one created after
+        # the restart was woken by something sent or scheduled after it.
+        reason = {
+            str(r.id): f"{(r.parameters or {}).get('reason', 'sweep')} (created "
+            + ("before the kill)" if r.created < self.kill["killed_at"] else "after it)")
+            for r in runs
+        }
+        first: dict[str, tuple[datetime, str]] = {}
+        for source, covers, completed, run_id in rows:
+            if (
+                source in loaded
+                and covers is not None
+                and covers >= loaded[source]
+                and (source not in first or completed < first[source][0])
+            ):
+                first[source] = (completed, run_id)
+        self.kill["uncovered"] = sorted(set(loaded) - set(first))
+        self.kill["before_kill"] = sorted(s for s, (at, _) in first.items() if at <= killed)
+        pending = {s: v for s, v in first.items() if v[0] > killed}
+        self.kill["pending"] = len(pending) + len(self.kill["uncovered"])
+        self.kill["covered_by"] = {}
+        for _, run_id in pending.values():
+            why = reason.get(run_id, "not a served run")
+            self.kill["covered_by"][why] = self.kill["covered_by"].get(why, 0) + 1
+        self.kill["recovery_s"] = (
+            None
+            if self.kill["uncovered"]
+            else max(((at - restarted).total_seconds() for at, _ in pending.values()), default=0.0)
+        )
+        catch_ups = prefect_events(self.since, name=[CATCH_UP])
+        self.kill["catch_up_events"] = len({str(e.id) for e in catch_ups})
+        self.kill["runs_by_reason"] = {}
+        for r in runs:
+            if r.end_time is None or r.end_time >= self.kill["killed_at"]:
+                why = (r.parameters or {}).get("reason", "sweep")
+                key = f"{why} {r.state_name}"
+                self.kill["runs_by_reason"][key] = self.kill["runs_by_reason"].get(key, 0) + 1
 
     def _wait_drained(self) -> dict[str, Any]:
         deadline = time.monotonic() + 300
@@ -582,7 +868,7 @@ class Faults:
         while True:
             for proc in self.procs():
                 proc.alive()
-            runs = [r for r in deployment_runs(deployment_id) if r.id not in known]
+            runs = [r for r in due_runs(deployment_runs(deployment_id)) if r.id not in known]
             if len(runs) != count:
                 count, since_change = len(runs), time.monotonic()
             final = all(r.state and r.state.is_final() for r in runs)
@@ -675,7 +961,7 @@ class Faults:
         # Which sync events woke a flow run (the trigger passes sync_id as a parameter), by round.
         woke = {(r.parameters or {}).get("sync_id") for r in runs}
         round_of = {d.sync.sync_id: d.round for d in deliveries}
-        per_round = [0] * args.rounds
+        per_round = [0] * (args.rounds + int(args.server_kill))
         for sync_id, round_no in round_of.items():
             per_round[round_no] += sync_id in woke
         automation, action_failures = automation_events(self.since)
@@ -720,6 +1006,30 @@ class Faults:
             ),
             ("no load transformed twice", not duplicates, f"{len(duplicates)} duplicates"),
         ]
+        if args.server_kill:
+            kill = self.kill
+            held = kill["event_ids"] & accepted_ids
+            missing = held - in_prefect - pending
+            recovery = kill.get("recovery_s")
+            checks += [
+                (
+                    "server kill: events in Prefect or outbox",
+                    not missing,
+                    f"{len(held) - len(missing)}/{len(held)} ({len(missing)} lost)",
+                ),
+                (
+                    "server kill: pending sources covered",
+                    not kill["uncovered"],
+                    f"{kill['pending'] - len(kill['uncovered'])}/{kill['pending']}",
+                ),
+                (
+                    "server kill: covered within one sweep",
+                    recovery is not None and recovery <= args.sweep,
+                    "never"
+                    if recovery is None
+                    else f"{recovery:.1f} s after the restart (sweep {args.sweep:.0f} s)",
+                ),
+            ]
 
         figures: list[tuple[str, str]] = [
             (
@@ -798,6 +1108,32 @@ class Faults:
             ("wall time s (first land → settled)", f"{times['total']:.1f}"),
             ("load average start / end (1 min)", f"{load[0][0]:.2f} / {load[1][0]:.2f}"),
         ]
+        if args.server_kill:
+            kill = self.kill
+            recovery = kill.get("recovery_s")
+            figures += [
+                ("Prefect server SIGKILL (round, mid-burst)", f"round {args.rounds + 1}"),
+                ("  server down (kill → healthy) s", f"{kill['down_s']:.1f}"),
+                (
+                    "  sources pending at the kill / covered before it",
+                    f"{kill['pending']} / {len(kill['before_kill'])}",
+                ),
+                (
+                    "  recovery s (restart → every pending source covered)",
+                    "never" if recovery is None else f"{recovery:.1f}",
+                ),
+                (
+                    "  pending sources covered by runs of reason",
+                    ", ".join(f"{k} {v}" for k, v in sorted(kill["covered_by"].items())) or "none",
+                ),
+                (
+                    "  runs ending after the kill (reason state)",
+                    ", ".join(f"{k} {v}" for k, v in sorted(kill["runs_by_reason"].items()))
+                    or "none",
+                ),
+                (f"  {CATCH_UP} events in Prefect", str(kill["catch_up_events"])),
+                ("  sweep interval s", f"{args.sweep:.0f}"),
+            ]
         at = next(i for i, (k, _) in enumerate(figures) if k == "  automation events") + 1
         figures[at:at] = [
             ("    firings whose action never ran", str(unacted(automation))),
@@ -890,6 +1226,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smoke run: 2 rounds x 5 deliveries (200) and a 10 s outage",
     )
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        default=120.0,
+        help="transform-on-sync's sweep interval in seconds (default 120; prefect.yaml's is 900)",
+    )
+    parser.add_argument(
+        "--no-server-kill",
+        dest="server_kill",
+        action="store_false",
+        help="skip the last round, in which the Prefect server is SIGKILLed and restarted",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     quick = {"rounds": 2, "deliveries": 5, "outage": 10.0}
@@ -900,18 +1248,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2 or args.connectors < 2 or args.deliveries < 1:
         parser.error("needs at least 2 rounds, 2 connectors and 1 delivery")
 
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     wall = time.monotonic()
     (ROOT / "bench" / ".work").mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="faults-", dir=ROOT / "bench" / ".work"))
+    server = PrefectServer(work)
     try:
-        with prefect_test_harness(server_startup_timeout=180):
-            from prefect.settings import PREFECT_API_URL
-
-            code = Faults(args, work, PREFECT_API_URL.value()).run()
+        log(f"starting the Prefect server on {server.url} (database in {server.home})")
+        log(f"Prefect server healthy after {server.start():.1f} s")
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            code = Faults(args, work, server).run()
     finally:
+        server.stop()
         if args.keep:
             print(f"work files kept in {work}")
         else:

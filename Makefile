@@ -66,12 +66,13 @@ bench-quick: setup
 	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/orchestration.py --quick
 
-## Prove it under faults: 1,000 signed webhooks, a receiver SIGKILL and a 60 s API outage
+## Prove it under faults: 1,200 signed webhooks, a receiver SIGKILL, a 60 s API outage and the
+## Prefect server SIGKILLed mid-burst and restarted (3-7 min)
 ## (tests/system/faults.py, a system test: exit 1 when an invariant fails; tests/system/README.md).
 faults: setup
 	$(BIN)/python tests/system/faults.py
 
-## The short version CI runs (.ci/run): 200 deliveries, the SIGKILL, a 10 s outage.
+## The short version CI runs (.ci/run), ~4 min: fewer deliveries, both SIGKILLs, a 10 s outage.
 faults-quick: setup
 	$(BIN)/python tests/system/faults.py --quick
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -508,11 +509,27 @@ class DbtProject:
         return [json.loads(line)[key] for line in (res.result or [])]
 
 
+# How long a manifest.json that is being written (another flow run's dbt parses the same
+# project: dbt writes the file in place, not atomically) is waited for before it counts as broken.
+MANIFEST_WRITE_WAIT_SECONDS = 30.0
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     # orjson: the missing-parents check reads manifest.json before every build (~0.7 MB for the
     # demo project): 2.0 ms, 3.3 ms with json.
-    manifest: dict[str, Any] = orjson.loads(path.read_bytes())
-    return manifest
+    deadline = time.monotonic() + MANIFEST_WRITE_WAIT_SECONDS
+    while True:
+        try:
+            manifest: dict[str, Any] = orjson.loads(path.read_bytes())
+            return manifest
+        except orjson.JSONDecodeError as exc:
+            # Half written by a concurrent dbt parse: it is complete within a moment.
+            if time.monotonic() > deadline:
+                raise DbtInvocationError(
+                    f"{path} is not valid JSON ({exc}) after {MANIFEST_WRITE_WAIT_SECONDS:g} s: "
+                    "expected the manifest dbt writes; delete it and it is parsed again"
+                ) from None
+            time.sleep(0.1)
 
 
 def _newest_project_file(project_dir: Path, target_path: Path, packages_path: Path) -> float:

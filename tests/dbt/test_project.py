@@ -6,8 +6,10 @@ Real dbt throughout (plain dbt for parse, CoreDbtRunner.build outside a flow: no
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -499,3 +501,24 @@ def test_opening_the_core_runner_refuses_a_profile_for_the_other_warehouse(
         "POSTLOAD_WAREHOUSE": "snowflake",
         "POSTLOAD_SNOWFLAKE_BLOCK": "nope",
     }
+
+
+def test_a_manifest_being_written_by_another_parse_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from postload.dbt import project as project_module
+
+    path = tmp_path / "manifest.json"
+    whole = json.dumps({"nodes": {"model.p.m": {}}, "sources": {}})
+    path.write_text(whole[: len(whole) // 2])  # what a concurrent dbt parse leaves mid-write
+    writer = threading.Timer(0.3, path.write_text, args=(whole,))
+    writer.start()
+    try:
+        assert project_module._read_manifest(path) == json.loads(whole)
+    finally:
+        writer.join()
+
+    path.write_text(whole[:10])  # never completed: a clear error, not a JSON traceback
+    monkeypatch.setattr(project_module, "MANIFEST_WRITE_WAIT_SECONDS", 0.3)
+    with pytest.raises(DbtInvocationError, match="not valid JSON"):
+        project_module._read_manifest(path)

@@ -36,8 +36,25 @@ __all__ = [
 ]
 
 
+class _PendingSources:
+    """What a whole plan and each of its groups say alike about the sources they build."""
+
+    sources: list[SourceConfig]
+    # per source, per pending table: its newest row when the plan was made
+    tables: dict[str, dict[str, datetime]]
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def covers(self) -> dict[str, datetime]:
+        """Per source: the newest row of its pending tables."""
+        return {name: max(tables.values()) for name, tables in self.tables.items()}
+
+
 @dataclass(frozen=True)
-class BuildGroup:
+class BuildGroup(_PendingSources):
     """The part of a plan one dbt invocation builds: one dbt Cloud job's sources (Core: all)."""
 
     # the dbt Cloud job that runs it; None: the runner's default (always, on Core)
@@ -47,18 +64,9 @@ class BuildGroup:
     tables: dict[str, dict[str, datetime]]
     selection: Selection
 
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name for s in self.sources]
-
-    @property
-    def covers(self) -> dict[str, datetime]:
-        """Per source: the newest row of its pending tables."""
-        return {name: max(tables.values()) for name, tables in self.tables.items()}
-
 
 @dataclass(frozen=True)
-class TransformPlan:
+class TransformPlan(_PendingSources):
     sources: list[SourceConfig]
     # per source, per pending table: its newest row when the plan was made, which a successful
     # build covers
@@ -68,15 +76,6 @@ class TransformPlan:
     selection: Selection
     # what each dbt invocation builds, in order: one group per dbt Cloud job (Core: one)
     groups: list[BuildGroup]
-
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name for s in self.sources]
-
-    @property
-    def covers(self) -> dict[str, datetime]:
-        """Per source: the newest row of its pending tables."""
-        return {name: max(tables.values()) for name, tables in self.tables.items()}
 
 
 def pending_tables(

@@ -123,14 +123,8 @@ def _project_profile(project_dir: Path) -> str:
 
 def _snowflake_database(settings: Settings) -> str:
     """The database the Snowflake block connects to: dbt sources default to the target's."""
-    from prefect_snowflake import SnowflakeConnector
+    from postload.warehouse._snowflake import load_connector_block
 
-    try:
-        connector = SnowflakeConnector.load(settings.snowflake_block, _sync=True)
-    except Exception as exc:
-        raise ValueError(
-            f"cannot load the Snowflake block {settings.snowflake_block!r} for the database dbt "
-            f"sources default to ({type(exc).__name__}); expected a SnowflakeConnector block of "
-            "that name (POSTLOAD_SNOWFLAKE_BLOCK)"
-        ) from None
+    # its SnowflakeBlockError (a ValueError) names the block and the fix
+    connector = load_connector_block(settings.snowflake_block)
     return str(connector.database)

@@ -604,21 +604,17 @@ def warehouse_profile_vars(settings: Settings) -> ProfileVariables:
 
     def from_block() -> Mapping[str, str]:
         from postload.warehouse._snowflake import (
+            SnowflakeBlockError,
             UnsupportedProfileCredentialsError,
             dbt_profile_env,
+            load_connector_block,
         )
 
         try:
-            from prefect_snowflake import SnowflakeConnector
-
-            # _sync: a plain (not awaitable) load even when called from inside an async flow
-            connector = SnowflakeConnector.load(block, _sync=True)
-        except Exception as exc:
+            connector = load_connector_block(block)
+        except SnowflakeBlockError as exc:
             raise DbtInvocationError(
-                f"POSTLOAD_WAREHOUSE=snowflake and dbt reads its connection from the Snowflake "
-                f"connector block {block!r} (POSTLOAD_SNOWFLAKE_BLOCK), which could not be "
-                f"loaded: {type(exc).__name__}: {exc}. Expected a saved snowflake-connector "
-                "block of that name: set SNOWFLAKE_* and run `postload blocks register`"
+                f"POSTLOAD_WAREHOUSE=snowflake and dbt reads its connection from {exc}"
             ) from exc
         try:
             return {DBT_TARGET_ENV: "snowflake", **dbt_profile_env(connector)}

@@ -188,6 +188,26 @@ def _plain(value: Any) -> Any:
     return float(value) if isinstance(value, Decimal) else value
 
 
+class SnowflakeBlockError(ValueError):
+    """The Snowflake connector block could not be loaded; the message says which and how to fix."""
+
+
+def load_connector_block(block_name: str) -> SnowflakeConnector:
+    """The saved ``SnowflakeConnector`` block: the warehouse, dbt's profile and the parse-only
+    profile all read their connection from it."""
+    from prefect_snowflake import SnowflakeConnector
+
+    try:
+        # _sync: a plain (not awaitable) load even when called from inside an async flow
+        return SnowflakeConnector.load(block_name, _sync=True)
+    except Exception as exc:
+        raise SnowflakeBlockError(
+            f"the Snowflake connector block {block_name!r} (POSTLOAD_SNOWFLAKE_BLOCK) could not "
+            f"be loaded: {type(exc).__name__}: {exc}. Expected a saved snowflake-connector block "
+            "of that name: set SNOWFLAKE_* and run `postload blocks register`"
+        ) from exc
+
+
 class SnowflakeWarehouse:
     kind = "snowflake"
 
@@ -206,10 +226,7 @@ class SnowflakeWarehouse:
     @classmethod
     def from_block(cls, block_name: str, pipeline: PipelineConfig) -> SnowflakeWarehouse:
         """Use the saved ``SnowflakeConnector`` block; each operation gets its own copy of it."""
-        from prefect_snowflake import SnowflakeConnector
-
-        # _sync: a plain (not awaitable) load even when called from inside an async flow
-        template = SnowflakeConnector.load(block_name, _sync=True)
+        template = load_connector_block(block_name)
 
         def fresh() -> SnowflakeConnector:
             # model_copy shares private attributes; start each copy unconnected with no cursors.

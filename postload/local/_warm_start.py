@@ -20,8 +20,12 @@ settings and clients from the environment the runner hands it, as a spawned chil
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.context
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["PRELOAD_MODULES", "install", "preload", "start_preloading", "stop"]
@@ -141,8 +145,37 @@ def start_preloading() -> bool:
     multiprocessing.get_context("forkserver").set_forkserver_preload(
         ["postload.local._warm_start_preload"]
     )
-    forkserver.ensure_running()
+    # A Ctrl-C or SIGTERM landing between the server's spawn and multiprocessing recording its
+    # pid would leave stop() nothing to stop: the stop is taken once the pid is known.
+    with _stop_signals_deferred():
+        forkserver.ensure_running()
     return True
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block, then deliver them again to the handlers it found.
+
+    Handlers, not a blocked signal mask: a process spawned inside the block inherits the mask,
+    and the forkserver would then ignore the SIGTERM that stop() sends it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if any(handler is None for handler in previous.values()):
+        yield  # a handler installed outside Python could not be put back
+        return
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in received:
+        signal.raise_signal(signum)
 
 
 def stop() -> None:

@@ -364,11 +364,11 @@ def serve_deployments(
     """
     from postload.local import _warm_start
 
-    if warm:
-        # First: the forkserver's imports then overlap this process's own (flows, runner).
-        _warm_start.start_preloading()
-
     try:
+        if warm:
+            # First: the forkserver's imports then overlap this process's own (flows, runner).
+            _warm_start.start_preloading()
+
         import asyncio
 
         from prefect.exceptions import TerminationSignal

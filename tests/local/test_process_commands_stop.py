@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +141,59 @@ def test_serve_stops_its_warm_start_process_on_signals(sig: signal.Signals, tmp_
         proc.send_signal(sig)
         proc.wait(timeout=STOP_TIMEOUT)
         _assert_all_gone(tree, [], tmp_path)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# serve, stopped in the instant between its warm-start process being spawned and multiprocessing
+# recording that process's pid: the signal is sent from inside the spawn, so the window is hit
+# every time rather than once in many CI runs.
+STOPPED_WHILE_SPAWNING = """
+import os, signal, sys
+from multiprocessing import util
+
+from postload.cli import _stop_on_ctrl_c_and_sigterm
+from postload.local.serve import serve_deployments
+
+spawn = util.spawnv_passfds
+
+def spawn_then_stop(path, args, passfds):
+    pid = spawn(path, args, passfds)
+    if any("forkserver" in str(arg) for arg in args):
+        print(pid, flush=True)
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    return pid
+
+util.spawnv_passfds = spawn_then_stop
+_stop_on_ctrl_c_and_sigterm()
+try:
+    serve_deployments(sys.argv[1], api_timeout_s=60)
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stopped_while_spawning_its_warm_start_process_leaves_none(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    script = tmp_path / "stop_while_spawning.py"
+    script.write_text(STOPPED_WHILE_SPAWNING)
+    proc = _start(
+        [sys.executable, str(script), str(REPO / "prefect.yaml"), sig.name],
+        tmp_path,
+        PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api",
+        PYTHONPATH=str(REPO),
+    )
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+        lines = (tmp_path / "out.log").read_text().split()
+        assert lines[-1] == "stopped", lines
+        forkserver = int(lines[0])
+        # Gone within seconds: left alone it would live until its ~20 s of imports were done.
+        _assert_all_gone({forkserver}, [], tmp_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -199,6 +199,12 @@ class SourceConfig(_Strict):
 
     @model_validator(mode="after")
     def _copy_sources_name_table_and_stage(self) -> SourceConfig:
+        if self.stage is not None and self.raw_table is None:
+            raise ValueError(
+                f"stage {self.stage!r} is set but raw_table is not: a stage's files load into "
+                "raw_table; expected both (a copy source) or neither (a source whose tables the "
+                "dbt project declares)"
+            )
         if self.loader.type == "copy":
             missing = [key for key in ("raw_table", "stage") if getattr(self, key) is None]
             if missing:

@@ -240,3 +240,15 @@ def test_missing_config_outside_the_checkout_says_to_set_the_project_dir(
     assert str(err.value) == (
         f"{tmp_path / 'postload.yaml'}: pipeline config not found (expected a YAML file)"
     )
+
+
+def test_a_stage_without_a_raw_table_is_refused_naming_both(tmp_path: Path) -> None:
+    # Files in a stage load into raw_table; a stage alone would be silently unused.
+    path = tmp_path / "postload.yaml"
+    path.write_text(
+        "sources:\n  - name: shop\n    stage: shop\n"
+        "    loader: {type: fivetran, connector_id: shop_conn}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_pipeline_config(path)
+    assert "stage 'shop' is set but raw_table is not" in str(raised.value)

@@ -30,7 +30,7 @@ from postload.dbt._prefect_dbt_public import (
     unused_client,
 )
 from postload.dbt.project import DbtInvocationError, DbtProject
-from postload.dbt.results import DbtBuildResult, NodeResult
+from postload.dbt.results import DbtBuildResult, NodeResult, retryable
 
 __all__ = ["NODE_TASK_THREAD_PREFIX", "CoreDbtRunner", "DbtInvocationError", "node_result"]
 
@@ -182,7 +182,7 @@ class CoreDbtRunner:
         invocation_id = (execution.args or {}).get("invocation_id") if execution.args else None
         retried: list[list[str]] = []
         for attempt in range(1, self.node_retries + 1):
-            if not _retryable(built):
+            if not retryable(built):
                 break
             # `dbt retry` re-runs exactly the nodes that errored or were skipped because of them,
             # from this target's run_results.json; a failed *data test* is a finding about the
@@ -211,12 +211,6 @@ class CoreDbtRunner:
             message="; ".join(notes) or None,
             retried=retried,
         )
-
-
-def _retryable(nodes: list[NodeResult]) -> bool:
-    return any(
-        n.status == "error" and n.resource_type in ("model", "seed", "snapshot") for n in nodes
-    )
 
 
 def _invocation_id() -> str | None:

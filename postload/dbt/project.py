@@ -5,11 +5,13 @@ finds it: where ``profiles.yml`` is, the packages ``dbt deps`` installs, the pro
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -385,12 +387,16 @@ class DbtProject:
         """
         if self._packages_ready:
             return False
-        why = self.packages_missing()
         ran = False
-        if why is not None:
-            logger.info("installing the dbt project's packages (dbt deps): %s", why)
-            self._invoke_plain(["deps"], self.profiles_dir())
-            ran = True
+        if self.packages_missing() is not None:
+            # `dbt deps` empties the install folder before it fills it: two runs of a fresh
+            # checkout (a burst of syncs) would pull packages from under each other's parse.
+            with _deps_lock(self.packages_install_path()):
+                why = self.packages_missing()  # another process may have installed them
+                if why is not None:
+                    logger.info("installing the dbt project's packages (dbt deps): %s", why)
+                    self._invoke_plain(["deps"], self.profiles_dir())
+                    ran = True
         self._packages_ready = True
         return ran
 
@@ -512,6 +518,28 @@ class DbtProject:
 # How long a manifest.json that is being written (another flow run's dbt parses the same
 # project: dbt writes the file in place, not atomically) is waited for before it counts as broken.
 MANIFEST_WRITE_WAIT_SECONDS = 30.0
+
+
+@contextmanager
+def _deps_lock(install_path: Path) -> Iterator[None]:
+    """One ``dbt deps`` at a time per install folder on this machine.
+
+    The lock file lives in the temp folder, not in the user's dbt project. Where ``fcntl`` is
+    missing (Windows) there is no lock: the processes would race as dbt alone does.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    key = hashlib.sha1(str(install_path.resolve()).encode(), usedforsecurity=False).hexdigest()
+    path = Path(tempfile.gettempdir()) / f"postload-dbt-deps-{key[:16]}.lock"
+    with path.open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 from postload.config import Selection
 from postload.dbt import DbtInvocationError, DbtProject
 from postload.dbt._core import CoreDbtRunner
+from postload.dbt.project import _deps_lock
 from tests.conftest import PostloadHome, suite_secret
 
 ENV_PROFILE = """\
@@ -210,6 +211,25 @@ def test_missing_packages_are_installed_before_parse_and_before_a_build(tmp_path
     assert build.status == "success", build
     assert warehouse_rows(warehouse, "select answer from main.answer") == [(42,)]
     assert (project_dir / "dbt_packages" / "tiny_pkg").exists()
+
+
+def test_packages_another_process_is_installing_are_waited_for_not_installed_again(
+    tmp_path: Path,
+) -> None:
+    """`dbt deps` empties the install folder first: two installs at once would pull packages
+    from under each other. A file left in the folder shows whether the second one ran."""
+    project_dir = project_with_package(tmp_path)
+    warehouse = tmp_path / "wh.duckdb"
+    installing, waiting = DbtProject(project_dir, warehouse), DbtProject(project_dir, warehouse)
+    outcome: dict[str, bool] = {}
+    thread = threading.Thread(target=lambda: outcome.update(ran=waiting.ensure_packages()))
+    with _deps_lock(installing.packages_install_path()):  # as another process's ensure_packages
+        thread.start()
+        installing._invoke_plain(["deps"], installing.profiles_dir())
+        (project_dir / "dbt_packages" / "left-here").touch()
+    thread.join(timeout=120)
+    assert outcome == {"ran": False}
+    assert (project_dir / "dbt_packages" / "left-here").exists()
 
 
 def test_installed_packages_are_left_alone_until_packages_yml_changes(tmp_path: Path) -> None:

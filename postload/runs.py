@@ -148,4 +148,6 @@ def transform_record(
         invocation_id=build.invocation_id,
         message=build.message,
         tables=tables or {},
+        dbt_cloud_run_id=build.run_id,
+        dbt_cloud_run_url=build.run_url,
     )

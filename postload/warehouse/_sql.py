@@ -59,6 +59,8 @@ TRANSFORM_RUN_COLUMNS = (
     "nodes_ok",
     "nodes_failed",
     "message",
+    "dbt_cloud_run_id",
+    "dbt_cloud_run_url",
 )
 TRANSFORM_TABLE_COLUMNS = (
     "flow_run_id",
@@ -88,7 +90,11 @@ def ops_ddl(ops: str, *, timestamp_type: str = "timestamp") -> list[str]:
         f"""create table if not exists {ops}.transform_runs (
             flow_run_id varchar, source varchar, selection varchar, runner varchar, status varchar,
             started_at {ts}, completed_at {ts}, covers_loaded_at {ts},
-            nodes_ok bigint, nodes_failed bigint, message varchar)""",
+            nodes_ok bigint, nodes_failed bigint, message varchar,
+            dbt_cloud_run_id bigint, dbt_cloud_run_url varchar)""",
+        # The dbt Cloud run that built it (null with dbt Core); added to tables made without it.
+        f"alter table {ops}.transform_runs add column if not exists dbt_cloud_run_id bigint",
+        f"alter table {ops}.transform_runs add column if not exists dbt_cloud_run_url varchar",
         # One row per table a build covered: a source's tables are watermarked one by one, so a
         # sync that changed 2 of a connector's 20 tables builds what reads those 2.
         f"""create table if not exists {ops}.transform_tables (
@@ -120,6 +126,7 @@ with loads as (
 ),
 transforms as (
     select source, status, completed_at, covers_loaded_at, nodes_ok, nodes_failed,
+           dbt_cloud_run_url,
            row_number() over (partition by source order by completed_at desc) as recency
     from {ops}.transform_runs
 ),
@@ -137,6 +144,7 @@ select s.source,
        t.status as transform_status,
        t.nodes_ok,
        t.nodes_failed,
+       t.dbt_cloud_run_url as last_dbt_cloud_run_url,
        datediff('second', t.covers_loaded_at, t.completed_at) / 60.0 as load_to_transform_minutes,
        case when l.last_loaded_at is not null
                  and (t.covers_loaded_at is null or t.covers_loaded_at < l.last_loaded_at)
@@ -168,6 +176,8 @@ def transform_rows(
         record.nodes_ok,
         record.nodes_failed,
         record.message,
+        record.dbt_cloud_run_id,
+        record.dbt_cloud_run_url,
     )
     nodes = [
         (

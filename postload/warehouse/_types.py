@@ -92,6 +92,9 @@ class TransformRecord:
     tables: dict[str, datetime | None] = field(default_factory=dict)
     invocation_id: str | None = None
     message: str | None = None
+    # the dbt Cloud run that built it; None with dbt Core
+    dbt_cloud_run_id: int | None = None
+    dbt_cloud_run_url: str | None = None
 
     @property
     def nodes_ok(self) -> int:

@@ -77,8 +77,18 @@ def test_per_source_jobs_run_one_build_each_and_a_failed_one_leaves_only_its_sou
     (customers_and_orders,) = steps[0]
     assert customers_and_orders.startswith("dbt build --select ")
     assert {"stg_customers", "source:orders+"} <= set(customers_and_orders.split()[3:])
-    recorded = dict(sql(postload_home, "select source, status from ops.transform_runs"))
-    assert recorded == {"customers": "error", "orders": "error", "events": "success"}
+    recorded = {
+        source: (status, cloud.runs[run_id]["job_definition_id"], cloud.runs[run_id]["href"] == url)
+        for source, status, run_id, url in sql(
+            postload_home,
+            "select source, status, dbt_cloud_run_id, dbt_cloud_run_url from ops.transform_runs",
+        )
+    }  # each source's row links the dbt Cloud run that built it
+    assert recorded == {
+        "customers": ("error", SOURCE_JOB, True),
+        "orders": ("error", SOURCE_JOB, True),
+        "events": ("success", EVENTS_JOB, True),
+    }
 
     # the next run builds the failed group's sources again, and only those
     cloud.job_scripts.pop(SOURCE_JOB)

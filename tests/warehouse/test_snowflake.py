@@ -7,6 +7,7 @@ No Prefect server is needed: the blocks are built in memory, never saved or load
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -533,6 +534,55 @@ def test_record_transform_and_pipeline_status_match_duckdb(
     assert (status["nodes_ok"], status["nodes_failed"]) == (1, 1)
     assert status["load_to_transform_minutes"] == pytest.approx(3.0)
     assert status["awaiting_transform"] is False
+
+
+def test_an_ops_schema_made_before_the_dbt_cloud_columns_gains_them_and_keeps_its_rows(
+    fake_snowflake: None, factory: CountingFactory, tmp_path: Path
+) -> None:
+    completed = datetime(2026, 12, 1, 9, 30)
+    old_shape = (
+        "create table ops.transform_runs (flow_run_id varchar, source varchar, "
+        "selection varchar, runner varchar, status varchar, started_at timestamp, "
+        "completed_at timestamp, covers_loaded_at timestamp, nodes_ok bigint, "
+        "nodes_failed bigint, message varchar)"
+    )
+    old_row = (
+        "insert into ops.transform_runs (flow_run_id, source, status, completed_at) "
+        "values ('flow-run-1', 'orders', 'success', '2026-11-30 08:00:00')"
+    )
+    cloud = dataclasses.replace(
+        transform_record("events", None, completed),
+        runner="cloud",
+        dbt_cloud_run_id=9001,
+        dbt_cloud_run_url="https://cloud.getdbt.com/deploy/1/projects/6/runs/9001/",
+    )
+    duck = DuckDBWarehouse(tmp_path / "wh.duckdb", tmp_path / "stage", PIPELINE)
+    with duck.connect() as con:
+        con.execute("create schema ops")
+        con.execute(old_shape)
+        con.execute(old_row)
+    with make_connector() as connector:
+        for statement in ("create schema if not exists ops", old_shape, old_row):
+            connector.fetch_all(statement)
+
+    snow = SnowflakeWarehouse(factory, PIPELINE)
+    for wh in (snow, duck):
+        wh.ensure_schema()
+        wh.ensure_schema()  # twice: the columns are added once
+        wh.record_transform(cloud)
+    runs_sql = (
+        "select source, dbt_cloud_run_id, dbt_cloud_run_url from ops.transform_runs order by source"
+    )
+    expected = [
+        ("events", 9001, "https://cloud.getdbt.com/deploy/1/projects/6/runs/9001/"),
+        ("orders", None, None),
+    ]
+    assert [tuple(r.values()) for r in query(runs_sql)] == expected
+    with duck.connect() as con:
+        assert con.execute(runs_sql).fetchall() == expected
+    for wh in (snow, duck):
+        latest = {r["source"]: r["last_dbt_cloud_run_url"] for r in wh.pipeline_status()}
+        assert latest == {"events": expected[0][2], "orders": None}
 
 
 # -- 5. transient failures ----------------------------------------------------------------------

@@ -28,6 +28,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # A run woken while another run of its deployment is in progress waits for it (ENQUEUE): the test
 # server lets it try again after 1 s (the local stack uses 2, Prefect's default is 30).
 os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "1")
+# Except its leases: kept on disk under PREFECT_HOME, which the test servers of parallel workers
+# share while each has a database of its own (a server of its own home is tested apart).
+os.environ.setdefault(
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.memory"
+)
 use_local_server_settings()  # the test server runs as the local stack's does
 
 REPO = Path(__file__).resolve().parent.parent

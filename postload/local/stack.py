@@ -69,6 +69,12 @@ LOCAL_SERVER_SETTINGS: dict[str, str] = {
     # delayed.
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    # A run holds its deployment's concurrency slot through a lease it renews every 225 s. Kept in
+    # the server's memory (Prefect's default), the lease is gone after a server restart: the
+    # renewal gets 410 Gone and Prefect terminates the run (a build longer than that, killed
+    # because the server restarted). On disk under PREFECT_HOME it outlives the restart
+    # (tests/system/test_server_restart.py).
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
 }
 
 

@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -206,6 +206,28 @@ def sql(home: PostloadHome, query: str, params: list[Any] | None = None) -> list
         return con.execute(query, params or []).fetchall()
     finally:
         con.close()
+
+
+def recorded_task_runs(
+    flow_run_id: uuid.UUID | str, until: Callable[[list[Any]], bool], timeout: float = 30.0
+) -> list[Any]:
+    """The flow run's task runs, read until ``until`` holds of them or ``timeout`` passes.
+
+    Task runs reach the server as events and are recorded in batches flushed every second
+    (LOCAL_SERVER_SETTINGS): a Completed flow run's last task runs may still be on their way.
+    Past the timeout the last read is returned, for the caller's assert to say what is missing.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(str(flow_run_id))]))
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=flow_runs)
+            if until(runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.25)
 
 
 @pytest.fixture(scope="session")

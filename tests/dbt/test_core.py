@@ -22,8 +22,6 @@ from dbt.adapters.duckdb import environments as duckdb_environments
 from prefect import flow
 from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 from prefect.context import SettingsContext, hydrated_context, serialize_context
 from prefect.exceptions import UpstreamTaskError
@@ -39,7 +37,7 @@ from postload.dbt._core import NODE_TASK_THREAD_PREFIX, CoreDbtRunner
 from postload.dbt._prefect_dbt import DbtSettings, FinishedNode, LiveSettingsContext, NodeTasks
 from postload.local.demo_data import DEMO_SOURCES, write_demo_batch
 from postload.warehouse._duckdb import DuckDBWarehouse
-from tests.conftest import REPO, PostloadHome
+from tests.conftest import REPO, PostloadHome, recorded_task_runs
 
 EVENTS = Selection(select="source:events+")
 
@@ -149,14 +147,8 @@ def test_node_tasks_record_their_upstream_node_and_a_task_run_each(prefect_serve
 
     state = two_nodes(return_state=True)
     upstream_id, downstream_id = state.result()
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    deadline = time.monotonic() + 30
-    with get_client(sync_client=True) as client:
-        while True:  # task runs reach the server as events: allow it a lag
-            runs = {t.id: t for t in client.read_task_runs(flow_run_filter=flow_runs)}
-            if len(runs) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+    recorded = recorded_task_runs(state.state_details.flow_run_id, lambda r: len(r) == 2)
+    runs = {t.id: t for t in recorded}
     assert set(runs) == {upstream_id, downstream_id}
     assert all(run.state_type == StateType.COMPLETED for run in runs.values())
     assert [i.id for i in runs[downstream_id].task_inputs["wait_for"]] == [upstream_id]
@@ -216,16 +208,13 @@ def test_build_in_a_flow_returns_with_every_node_task_done(
     assert status == "success"
     assert "stg_events" in nodes
     assert alive_after_build == [], "node task threads outlived the dbt invocation"
-    # Each node is a Prefect task run; their states arrive as events, so allow the server a lag.
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    deadline = time.monotonic() + 30
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = {t.name: t for t in client.read_task_runs(flow_run_filter=flow_runs)}
-            if any(n.startswith("model stg_events") for n in runs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-    assert any(n.startswith("model stg_events") for n in runs), sorted(runs)
+
+    # Each node is a Prefect task run
+    def stg_events(runs: list[Any]) -> bool:
+        return any(t.name.startswith("model stg_events") for t in runs)
+
+    runs = recorded_task_runs(state.state_details.flow_run_id, stg_events)
+    assert stg_events(runs), sorted(t.name for t in runs)
 
 
 # The flow ends right after the build, then the interpreter exits: node task threads still
@@ -295,16 +284,12 @@ def test_process_exits_cleanly_right_after_a_flow_that_built(
     assert "status: success" in stdout, stdout + stderr[-3000:]
     assert "node threads at exit: []" in stdout, stdout
     flow_run_id, nodes = re.search(r"flow run: (\S+) nodes: (\d+)", stdout).groups()  # type: ignore[union-attr]
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
-    deadline = time.monotonic() + 30
-    with get_client(sync_client=True) as client:
-        while True:  # the server records task runs from events after the fact
-            runs = client.read_task_runs(flow_run_filter=flow_runs)
-            states = sorted(str(r.state_name) for r in runs)
-            if states == ["Completed"] * int(nodes) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-    assert states == ["Completed"] * int(nodes)
+
+    def states(runs: list[Any]) -> list[str]:
+        return sorted(str(r.state_name) for r in runs)
+
+    runs = recorded_task_runs(flow_run_id, lambda r: states(r) == ["Completed"] * int(nodes))
+    assert states(runs) == ["Completed"] * int(nodes)
 
 
 def build_in_a_flow(

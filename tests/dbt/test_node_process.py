@@ -16,8 +16,6 @@ import pytest
 from dbt.task.runnable import GraphRunnableTask
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -27,24 +25,17 @@ from prefect_dbt import PrefectDbtRunner
 from postload.config import NodeTaskMode, Selection
 from postload.dbt import _node_process
 from postload.dbt._node_process import NodeTaskProcess
-from tests.conftest import PostloadHome
+from tests.conftest import PostloadHome, recorded_task_runs
 from tests.dbt.test_core import EVENTS, build_in_a_flow
 
 
 def task_runs_of(flow_run_id: UUID, expected: int) -> dict[str, TaskRun]:
-    """The flow run's task runs by name, once the server has recorded `expected` of them.
+    """The flow run's task runs by name, once the server has recorded `expected` final ones."""
 
-    Task runs reach the server as events, recorded after the fact: allow it a lag.
-    """
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    deadline = time.monotonic() + 30
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = {t.name: t for t in client.read_task_runs(flow_run_filter=flow_runs)}
-            done = [r for r in runs.values() if r.state is not None and r.state.is_final()]
-            if len(done) >= expected or time.monotonic() > deadline:
-                return runs
-            time.sleep(0.5)
+    def done(runs: list[TaskRun]) -> bool:
+        return sum(1 for r in runs if r.state is not None and r.state.is_final()) >= expected
+
+    return {t.name: t for t in recorded_task_runs(flow_run_id, done)}
 
 
 @pytest.mark.parametrize("mode", [NodeTaskMode.PROCESS, NodeTaskMode.THREAD])

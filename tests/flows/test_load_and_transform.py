@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
     TaskRunFilter,
     TaskRunFilterName,
     TaskRunFilterStartTime,
@@ -28,7 +26,7 @@ from flows.load_and_transform import load_and_transform
 from postload.config import UnknownSourceError
 from postload.load import LoadVerificationError
 from postload.local.demo_data import write_demo_batch
-from tests.conftest import REPO, PostloadHome, land_and_load, make_home, sql
+from tests.conftest import REPO, PostloadHome, land_and_load, make_home, recorded_task_runs, sql
 
 EVENTS_MODELS = {"stg_events", "fct_daily_events"}
 
@@ -147,10 +145,10 @@ def test_pipeline_status_view_reports_load_to_transform(scenario: Scenario) -> N
 
 def test_dbt_nodes_are_prefect_tasks_and_rejects_are_an_artifact(scenario: Scenario) -> None:
     run = scenario.run(3)
+    task_runs = recorded_task_runs(
+        run.flow_run_id, lambda runs: any(t.name.startswith("model stg_events") for t in runs)
+    )
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.flow_run_id]))
-        )
         artifacts = client.read_latest_artifacts()
     names = {t.name for t in task_runs}
     assert any(n.startswith("model stg_events") for n in names), names
@@ -233,6 +231,10 @@ def test_two_processes_writing_one_warehouse_queue_instead_of_crashing(
     assert first_end <= second_start, "the two runs' transforms overlapped"
 
 
+def _load_completed(runs: list[Any]) -> bool:
+    return any(t.name.startswith("load-") and t.state_name == "Completed" for t in runs)
+
+
 def test_transient_warehouse_failure_is_retried_without_duplicate_loads(
     prefect_server: str, postload_home: PostloadHome, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -268,12 +270,7 @@ def test_transient_warehouse_failure_is_retried_without_duplicate_loads(
         ("o2.jsonl", 1),
     ]
     assert sql(postload_home, "select count(*) from raw.orders") == [(2,)]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
+    runs = recorded_task_runs(state.state_details.flow_run_id, _load_completed)
     (load_run,) = [t for t in runs if t.name.startswith("load-")]
     assert load_run.run_count == 2
 
@@ -337,12 +334,7 @@ def test_warehouse_locked_by_another_process_is_waited_out_by_retries_with_backo
         ("orders_0001.jsonl", 1),
         ("orders_0002.jsonl", 1),
     ]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
+    runs = recorded_task_runs(state.state_details.flow_run_id, _load_completed)
     (load_run,) = [t for t in runs if t.name.startswith("load-")]
     assert load_run.run_count >= 2
     assert load_run.state_name == "Completed"

@@ -740,6 +740,13 @@ class Faults:
             for n in names
         }
         syncs = [new_sync(f"conn_{name}") for name in names]
+        # The warehouse writer is held until the server is back: the runs these syncs wake wait
+        # for it, so every source is still pending at the kill whatever the machine's speed (on a
+        # quiet machine they otherwise built everything first, and the kill tested nothing).
+        from postload.config import Settings
+
+        writer = contextlib.ExitStack()
+        writer.enter_context(sync._writer(Settings(project_dir=self.home)))
         first = [poster.submit(s, round_no) for s in syncs]
         wait(first)
         self._wait_drained()  # every sync's event is now Prefect's alone
@@ -753,7 +760,10 @@ class Faults:
             f"Prefect server SIGKILLed {killed - t0:.1f} s into round {round_no + 1}, "
             f"{len(rest)} redeliveries in flight"
         )
-        self.server.start()
+        try:
+            self.server.start()
+        finally:
+            writer.close()
         restarted_at = datetime.now(UTC)
         self.kill.update(
             killed_at=killed_at,

@@ -294,6 +294,18 @@ def hostile(max_examples: int) -> Any:
 # "Exactly one message" is checked after a sentinel that the same automations send later arrived.
 
 
+@contextlib.contextmanager
+def _loopback_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """An HTTP server on a free loopback port, in a thread; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @dataclass
 class FakeSlack:
     url: str
@@ -333,13 +345,9 @@ def slack() -> Iterator[FakeSlack]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.url = f"http://127.0.0.1:{server.server_port}/services/T0/B0/{FAKE_SLACK_PATH}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fake
-    server.shutdown()
-    server.server_close()
+    with _loopback_server(Handler) as port:
+        fake.url = f"http://127.0.0.1:{port}/services/T0/B0/{FAKE_SLACK_PATH}"
+        yield fake
     assert fake.protocol_errors == []
 
 
@@ -483,13 +491,9 @@ def pagerduty() -> Iterator[FakePagerDuty]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.url = f"http://127.0.0.1:{server.server_port}/v2/enqueue"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fake
-    server.shutdown()
-    server.server_close()
+    with _loopback_server(Handler) as port:
+        fake.url = f"http://127.0.0.1:{port}/v2/enqueue"
+        yield fake
     assert fake.protocol_errors == []
 
 

@@ -15,15 +15,7 @@ from postload.config import NodeTaskMode, Selection
 from postload.dbt import _prefect_dbt_public
 from postload.dbt._core import CoreDbtRunner
 from postload.dbt._prefect_dbt_public import TESTED_PREFECT_DBT_VERSION
-
-PROFILE = """\
-tiny:
-  target: dev
-  outputs:
-    dev:
-      type: duckdb
-      path: "{{ env_var('POSTLOAD_DUCKDB_PATH') }}"
-"""
+from tests.dbt.test_project import ENV_PROFILE
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +42,7 @@ def tiny_project(root: Path) -> Path:
         'name: tiny\nversion: "1.0.0"\nprofile: tiny\nflags:\n  send_anonymous_usage_stats: false\n'
     )
     (root / "models" / "answer.sql").write_text("select 42 as answer")
-    (root / "profiles.yml").write_text(PROFILE)
+    (root / "profiles.yml").write_text(ENV_PROFILE)
     return root
 
 
